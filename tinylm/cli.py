@@ -1,0 +1,53 @@
+"""The `tinylm` command line (also `python -m tinylm`).
+
+Each subcommand lives in its own module with two functions:
+`configure(parser)` adds its options and `run(args) -> int` does the work.
+Bad arguments give a one-line error (exit code 2), never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported only when used, so
+# `tinylm --help` stays fast and one command's dependencies never slow another.
+COMMANDS = {
+    "gradcheck": ("tinylm.gradcheck", "check every layer's backward against finite differences"),
+    "bench": ("tinylm.bench", "time full training steps (tokens/s, FLOP/s, memory)"),
+    "tokenizer": ("tinylm.tokenizer.cli", "train a BPE tokenizer, encode or decode text"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tinylm",
+        description="tinylm: a GPT engine in NumPy with hand-written backward passes.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        p = sub.add_parser(name, help=help_text, description=module.__doc__.strip().splitlines()[0])
+        module.configure(p)
+        p.set_defaults(_run=module.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        # A user error (bad value, missing file, no GPU): one line, not a traceback.
+        print(f"tinylm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"tinylm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
