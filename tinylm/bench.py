@@ -1,0 +1,166 @@
+"""Time full training steps: forward, loss, backward, clipping, AdamW.
+
+Reports tokens/s, median step time, estimated model FLOP/s and peak memory for
+fixed configurations. Each configuration runs in its own subprocess, so that
+thread settings apply before NumPy loads and peak memory is per configuration.
+With --compare-torch, a plain PyTorch eager model of the same architecture and
+the same weights (benchmarks/torch_gpt.py) is timed in another subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# name: (vocab_size, d_model, n_layers, n_heads, context_length, batch_size)
+CONFIGS = {
+    "tiny": (256, 64, 2, 4, 64, 16),
+    "small": (512, 128, 4, 4, 128, 16),
+    "medium": (4096, 384, 6, 6, 256, 8),
+}
+
+TORCH_SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "torch_gpt.py"
+
+
+def flops_per_token(V: int, d: int, L: int, T: int) -> float:
+    """Training FLOPs per token: 6 x (matmul parameters) for forward + backward,
+    plus the attention scores and weighted sums (Kaplan et al. 2020, PaLM App. B)."""
+    return 6 * (12 * L * d * d + d * V) + 12 * L * T * d
+
+
+def bench_config(name: str, steps: int, warmup: int, device: str, seed: int = 0,
+                 weights_out: str | None = None) -> dict:
+    """Time `steps` training steps of config `name` in this process; returns a result dict."""
+    import numpy as np
+
+    from tinylm.backend import get_xp, to_device
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.nn import SoftmaxCrossEntropy
+    from tinylm.optim import AdamW, clip_grad_norm
+
+    V, d, L, H, T, B = CONFIGS[name]
+    xp = get_xp(device)
+    cfg = GPTConfig(vocab_size=V, context_length=T, d_model=d, n_layers=L, n_heads=H)
+    model = GPT(cfg, seed=seed, device=device)
+    if weights_out:
+        np.savez(weights_out, **model.state_dict())
+    loss_fn = SoftmaxCrossEntropy(label_smoothing=0.1)
+    opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    rng = np.random.default_rng(seed)
+    batches = [(to_device(rng.integers(0, V, (B, T)), xp), to_device(rng.integers(0, V, (B, T)), xp))
+               for _ in range(4)]
+
+    def sync():
+        if xp is not np:
+            xp.cuda.Device().synchronize()
+
+    times, losses = [], []
+    for i in range(warmup + steps):
+        idx, targets = batches[i % len(batches)]
+        sync()
+        t0 = time.perf_counter()
+        model.zero_grad()
+        loss = loss_fn.forward(model.forward(idx), targets)
+        model.backward(loss_fn.backward())
+        clip_grad_norm(model.parameters(), 1.0)
+        opt.step()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+            losses.append(loss)
+    step = float(np.median(times))
+    tok_s = B * T / step
+    result = {
+        "config": name, "impl": "tinylm", "device": device, "step_ms_median": step * 1e3,
+        "step_ms_min": min(times) * 1e3, "tokens_per_s": tok_s,
+        "gflops_per_s": flops_per_token(V, d, L, T) * tok_s / 1e9,
+        "params": model.num_parameters(), "final_loss": losses[-1],
+    }
+    result["peak_mem_mb"] = _peak_memory_mb(xp)
+    return result
+
+
+def _peak_memory_mb(xp) -> float:
+    """Peak resident memory of this process (CPU) or the CuPy pool's size (GPU)."""
+    import numpy as np
+
+    if xp is not np:
+        return xp.get_default_memory_pool().total_bytes() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _subprocess(cmd: list[str], threads: int) -> dict:
+    env = dict(os.environ)
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", nargs="+", default=["tiny", "small", "medium"],
+                        choices=sorted(CONFIGS), help="configurations to time (default: all)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--threads", type=int, default=2,
+                        help="BLAS/OpenMP threads for every side (default 2)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where tinylm runs (default cpu)")
+    parser.add_argument("--compare-torch", action="store_true",
+                        help="also time PyTorch eager with the same weights (needs torch)")
+    parser.add_argument("--json", metavar="FILE", help="also write all results to FILE as JSON")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one config, in-process
+
+
+def run(args) -> int:
+    if args.worker:  # we are the subprocess: time one config, print JSON
+        print(json.dumps(bench_config(args.worker, args.steps, args.warmup, args.device,
+                                      weights_out=os.environ.get("TINYLM_BENCH_WEIGHTS"))))
+        return 0
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
+        raise ValueError("--steps and --threads must be >= 1 and --warmup >= 0")
+    if args.compare_torch and not TORCH_SCRIPT.exists():
+        raise FileNotFoundError(f"--compare-torch needs {TORCH_SCRIPT} (a source checkout)")
+    results = []
+    print(f"tinylm bench: {args.steps} steps after {args.warmup} warm-up, {args.threads} threads, "
+          f"device {args.device}")
+    header = (f"{'config':<8} {'impl':<8} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+              f"{'peak MB':>8} {'vs torch':>9}")
+    print(header)
+    for name in args.config:
+        with tempfile.TemporaryDirectory() as tmp:
+            weights = os.path.join(tmp, "weights.npz")
+            os.environ["TINYLM_BENCH_WEIGHTS"] = weights if args.compare_torch else ""
+            ours = _subprocess([sys.executable, "-m", "tinylm", "bench", "--worker", name,
+                                "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                "--device", args.device], args.threads)
+            results.append(ours)
+            theirs = None
+            if args.compare_torch:
+                theirs = _subprocess([sys.executable, str(TORCH_SCRIPT), "--config", name,
+                                      "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                      "--threads", str(args.threads), "--weights", weights,
+                                      "--json"], args.threads)
+                theirs["impl"] = "torch"
+                ours["ratio_vs_torch"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
+                results.append(theirs)
+        for r in [ours] + ([theirs] if theirs else []):
+            ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else ""
+            V, d, L, H, T, B = CONFIGS[name]
+            gflops = r.get("gflops_per_s", flops_per_token(V, d, L, T) * r["tokens_per_s"] / 1e9)
+            print(f"{name:<8} {r['impl']:<8} {r['step_ms_median']:>9.1f} {r['tokens_per_s']:>10,.0f} "
+                  f"{gflops:>8.1f} {r.get('peak_mem_mb', float('nan')):>8.0f} {ratio:>9}",
+                  flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0

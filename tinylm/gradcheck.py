@@ -1,0 +1,316 @@
+"""Check every layer's backward against finite differences (float64).
+
+For a layer y = f(x; params) pick a random upstream gradient G with y's shape
+and look at the scalar L = sum(y * G). Its gradient with respect to anything is
+exactly what `backward(G)` returns (for x) or adds into `grads` (for params).
+Central differences estimate the same numbers independently:
+
+    dL/dx[i] ~ (L(x + eps e_i) - L(x - eps e_i)) / (2 eps)        error O(eps^2)
+
+Small tensors are checked element by element; large ones at a sample of
+elements plus a few random unit directions u, comparing the directional
+derivative (L(x + eps u) - L(x - eps u)) / (2 eps) with <grad, u>.
+The report gives, per tensor, the largest relative error and where it is.
+
+`tinylm gradcheck` runs the whole suite (every layer and two models) and
+exits with status 1 if anything fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinylm.backend import get_xp, to_device, to_numpy, xp_of
+from tinylm.nn.activation import seed_dropout
+
+DEFAULT_EPS = 1e-5  # balances truncation (eps^2) against rounding (1e-16/eps) in float64
+DEFAULT_TOL = 1e-5  # correct code gives 1e-10..3e-7 here; a wrong gradient gives >1e-2
+NOISE_FLOOR = 1e-4  # entries smaller than this x |f| are compared absolutely (see below)
+
+
+@dataclass
+class GradcheckResult:
+    """How one tensor's analytic gradient compares with finite differences."""
+
+    name: str  # e.g. "blocks.0.attn.qkv.weight" or "input"
+    max_rel_error: float
+    worst: tuple  # index (elementwise) or ("direction", k) with the largest error
+    n_checked: int  # elements or directions compared
+    method: str  # "elementwise" or "sampled+directions"
+    tol: float
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_rel_error <= self.tol)  # NaN fails
+
+
+def _rel_error(a: float, n: float, floor: float) -> float:
+    return abs(a - n) / max(abs(a), abs(n), floor)
+
+
+def compare_gradient(f, x, analytic, *, name: str, rng: np.random.Generator, f_scale: float,
+                     eps=DEFAULT_EPS, tol=DEFAULT_TOL, max_elementwise=128, n_samples=24,
+                     n_directions=4):
+    """Compare `analytic` (x's gradient) with central differences of the scalar f().
+
+    `x` is perturbed in place and always restored; `f` must read x's current
+    values. `f_scale` is the size of the terms summed into f: rounding makes
+    each difference quotient uncertain by about 1e-16 * f_scale / eps, so
+    gradient entries below NOISE_FLOOR * f_scale (e.g. exact zeros such as the
+    key bias's gradient, or masked positions) are compared absolutely.
+    """
+    xp = xp_of(x)
+    a_host = to_numpy(analytic).astype(np.float64)  # (x.shape)
+    floor = max(NOISE_FLOOR * f_scale, 1e-300)
+    worst_err, worst_at = 0.0, ()
+
+    def central(perturb):
+        perturb(+eps)
+        f_plus = f()
+        perturb(-2 * eps)
+        f_minus = f()
+        perturb(+eps)  # restore (to rounding; the original is re-assigned below anyway)
+        return (f_plus - f_minus) / (2 * eps)
+
+    if x.size <= max_elementwise:
+        indices = list(np.ndindex(*x.shape))
+        method = "elementwise"
+    else:  # a sample of single elements, then random directions
+        flat = rng.choice(x.size, size=min(n_samples, x.size), replace=False)
+        indices = [np.unravel_index(i, x.shape) for i in flat]
+        method = "sampled+directions"
+
+    for index in indices:
+        original = x[index].copy() if xp is not np else x[index]
+
+        def perturb(delta, index=index):
+            x[index] += delta
+
+        numeric = central(perturb)
+        x[index] = original
+        err = _rel_error(a_host[index], numeric, floor)
+        if not err <= worst_err:  # also catches NaN
+            worst_err, worst_at = err, tuple(int(i) for i in index)
+            if math.isnan(err):
+                break
+
+    if method != "elementwise":
+        original = x.copy()
+        for k in range(n_directions):
+            u = rng.standard_normal(x.shape)
+            u /= np.linalg.norm(u)
+            u_dev = to_device(u.astype(x.dtype), xp)
+
+            def perturb(delta, u_dev=u_dev):
+                x[...] += delta * u_dev
+
+            numeric = central(perturb)
+            x[...] = original
+            err = _rel_error(float((a_host * u).sum()), numeric, floor)
+            if not err <= worst_err:
+                worst_err, worst_at = err, ("direction", k)
+        n_checked = len(indices) + n_directions
+    else:
+        n_checked = len(indices)
+    return GradcheckResult(name, worst_err, worst_at, n_checked, method, tol)
+
+
+def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_inputs=True,
+                **compare_kw) -> list[GradcheckResult]:
+    """Gradient-check `layer.backward` for its parameters and its float input.
+
+    Works for any object with the layer interface (forward/backward/params/grads,
+    `parameters()`), including losses whose forward returns a float. Dropout
+    inside the layer is held fixed by restarting its mask stream before every
+    forward. Everything should be float64.
+    """
+    rng = np.random.default_rng(seed)
+    has_dropout = hasattr(layer, "modules")
+
+    def forward():
+        if has_dropout:
+            seed_dropout(layer, seed)
+        return layer.forward(*inputs)
+
+    out = forward()
+    scalar_out = isinstance(out, float)
+    if scalar_out:
+        G = 1.0 + rng.random()  # a random scalar upstream gradient
+    else:
+        G = to_device(rng.standard_normal(out.shape).astype(out.dtype), xp_of(out))  # (out.shape)
+
+    def f() -> float:
+        y = forward()
+        return float(y) * G if scalar_out else float((y * G).sum())
+
+    f_scale = abs(float(out) * G) if scalar_out else float(abs(out * G).sum())
+
+    # the analytic gradients, from one forward/backward
+    for _, _, g in layer.parameters():
+        g.fill(0)
+    forward()
+    dx = layer.backward(G)
+    results = []
+    if check_inputs:
+        float_inputs = [x for x in inputs if getattr(x, "dtype", np.dtype(int)).kind == "f"]
+        if float_inputs:
+            results.append(compare_gradient(f, float_inputs[0], dx, name="input", rng=rng,
+                                            f_scale=f_scale, eps=eps, tol=tol, **compare_kw))
+    grads = {name: g.copy() for name, _, g in layer.parameters()}
+    for name, p, _ in layer.parameters():
+        results.append(compare_gradient(f, p, grads[name], name=name, rng=rng, f_scale=f_scale,
+                                        eps=eps, tol=tol, **compare_kw))
+    return results
+
+
+def check_model(model, idx, targets, loss_fn, *, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL,
+                **compare_kw) -> list[GradcheckResult]:
+    """Gradient-check a whole GPT: L = loss_fn(model(idx), targets), every parameter."""
+    rng = np.random.default_rng(seed)
+
+    def f() -> float:
+        model.seed_dropout(seed)
+        return loss_fn.forward(model.forward(idx), targets)
+
+    model.zero_grad()
+    f_scale = abs(f())
+    model.backward(loss_fn.backward())
+    grads = {name: g.copy() for name, _, g in model.parameters()}
+    return [compare_gradient(f, p, grads[name], name=name, rng=rng, f_scale=f_scale, eps=eps,
+                             tol=tol, **compare_kw)
+            for name, p, _ in model.parameters()]
+
+
+def randomize_params(layer, rng: np.random.Generator, scale: float = 0.3) -> None:
+    """Move every parameter away from its initial value (LayerNorm 1/0, zero biases),
+    so that the check sees non-trivial gradients everywhere."""
+    for _, p, _ in layer.parameters():
+        noise = rng.standard_normal(p.shape) * scale
+        p += to_device(noise.astype(p.dtype), xp_of(p))
+
+
+# ---------------------------------------------------------------------------
+# The suite behind `tinylm gradcheck` (tests use the same cases)
+# ---------------------------------------------------------------------------
+
+
+def suite_cases(device: str = "cpu"):
+    """(label, thunk) pairs; each thunk builds a float64 case and returns its results."""
+    from tinylm.model import GPT, GPTConfig
+    from tinylm.nn import (GELU, MLP, Block, CausalSelfAttention, Dropout, Embedding, LayerNorm,
+                           Linear, SoftmaxCrossEntropy)
+
+    xp = get_xp(device)
+    kw = dict(device=device, dtype="float64")
+
+    def data(shape, seed=1, scale=1.0):
+        return to_device(np.random.default_rng(seed).standard_normal(shape) * scale, xp)
+
+    def ids(shape, high, seed=2):
+        return to_device(np.random.default_rng(seed).integers(0, high, size=shape), xp)
+
+    def layer_case(layer, *inputs):
+        randomize_params(layer, np.random.default_rng(3))
+        return check_layer(layer, *inputs)
+
+    def gpt_case(dropout=0.0, **cfg_kw):
+        cfg = GPTConfig(vocab_size=13, context_length=8, d_model=8, n_layers=2, n_heads=2,
+                        dropout=dropout, **cfg_kw)
+        model = GPT(cfg, seed=0, **kw)
+        randomize_params(model, np.random.default_rng(4), scale=0.2)
+        targets = ids((2, 7), 13, seed=6)
+        targets[0, 2] = -100  # an ignored position
+        return check_model(model, ids((2, 7), 13, seed=5), targets,
+                           SoftmaxCrossEntropy(label_smoothing=0.1))
+
+    dropout_train = Dropout(0.3, **kw).train()
+    return [
+        ("Linear", lambda: layer_case(Linear(5, 7, **kw), data((2, 3, 5)))),
+        ("Linear(bias=False)", lambda: layer_case(Linear(5, 4, bias=False, **kw), data((3, 5)))),
+        ("Embedding (repeated ids)",
+         lambda: layer_case(Embedding(6, 4, **kw), to_device(np.array([[1, 3, 1], [3, 3, 0]]), xp))),
+        ("LayerNorm", lambda: layer_case(LayerNorm(6, **kw), data((2, 3, 6)))),
+        ("GELU", lambda: layer_case(GELU(**kw), data((3, 7), scale=2.0))),
+        ("Dropout(0.3), fixed mask", lambda: layer_case(dropout_train, data((4, 5)))),
+        ("CausalSelfAttention", lambda: layer_case(CausalSelfAttention(8, 2, **kw), data((2, 5, 8)))),
+        ("CausalSelfAttention(dropout)",
+         lambda: layer_case(CausalSelfAttention(8, 2, dropout=0.2, **kw), data((2, 4, 8)))),
+        ("MLP", lambda: layer_case(MLP(6, **kw), data((2, 3, 6)))),
+        ("Block", lambda: layer_case(Block(8, 2, **kw), data((2, 4, 8)))),
+        ("SoftmaxCrossEntropy(smoothing, ignore)", lambda: _loss_case(xp)),
+        ("GPT (tied, bias)", lambda: gpt_case()),
+        ("GPT (untied, no bias)", lambda: gpt_case(bias=False, tie_weights=False)),
+        ("GPT (dropout 0.1, train)", lambda: gpt_case(dropout=0.1)),
+    ]
+
+
+def _loss_case(xp):
+    from tinylm.nn import SoftmaxCrossEntropy
+
+    rng = np.random.default_rng(7)
+    logits = to_device(rng.standard_normal((2, 3, 5)) * 2.0, xp)
+    targets = to_device(np.array([[0, 4, -100], [2, -100, 1]]), xp)
+    return check_layer(SoftmaxCrossEntropy(label_smoothing=0.2), logits, targets)
+
+
+def run_suite(device: str = "cpu", only: str | None = None):
+    """Yield (label, results, seconds) for every case of the suite."""
+    for label, thunk in suite_cases(device):
+        if only and only.lower() not in label.lower():
+            continue
+        start = time.perf_counter()
+        results = thunk()
+        yield label, results, time.perf_counter() - start
+
+
+# -- the command line ------------------------------------------------------
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where to run the checks (default: cpu)")
+    parser.add_argument("--only", metavar="TEXT",
+                        help="check only the cases whose name contains TEXT (e.g. 'GPT')")
+    parser.add_argument("--verbose", "-v", action="store_true",
+                        help="one row per tensor instead of one row per layer")
+
+
+def run(args) -> int:
+    from tinylm.backend import resolve_device
+
+    device = resolve_device(args.device)
+    get_xp(device)  # fail now, with the install hint, if CUDA is not usable
+    print(f"tinylm gradcheck: float64 central differences (eps={DEFAULT_EPS:g}, "
+          f"tol={DEFAULT_TOL:g}) on {device}")
+    header = f"{'case':<40} {'tensor':<28} {'checked':>7} {'max rel err':>12}  status"
+    print(header)
+    print("-" * len(header))
+    n_failed = n_cases = 0
+    for label, results, seconds in run_suite(device, args.only):
+        n_cases += 1
+        failed = [r for r in results if not r.passed]
+        n_failed += bool(failed)
+        if args.verbose:
+            for r in results:
+                print(_row(label, r.name, r.n_checked, r))
+        else:  # one row per case: its worst tensor
+            worst = max(results, key=lambda r: (math.isnan(r.max_rel_error), r.max_rel_error))
+            print(_row(label, worst.name, sum(r.n_checked for r in results), worst))
+            for r in failed:
+                if r is not worst:
+                    print(_row("", r.name, r.n_checked, r))
+    if n_cases == 0:
+        raise ValueError(f"no gradcheck case matches --only {args.only!r}")
+    print("-" * len(header))
+    print(f"{n_cases - n_failed} passed, {n_failed} failed")
+    return 1 if n_failed else 0
+
+
+def _row(label: str, tensor: str, checked: int, r: GradcheckResult) -> str:
+    status = "ok" if r.passed else f"FAIL (worst at {r.worst})"
+    return f"{label:<40} {tensor:<28} {checked:>7} {r.max_rel_error:>12.2e}  {status}"

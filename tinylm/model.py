@@ -1,0 +1,202 @@
+"""The GPT model (Radford et al. 2019, GPT-2), forward and backward.
+
+    idx (B, T) token ids
+    x = tok_emb[idx] + pos_emb[0..T-1]          (B, T, C)   then dropout
+    x = Block_i(x) for each of n_layers         (B, T, C)
+    h = ln_f(x)                                 (B, T, C)
+    logits = h @ tok_emb.weight^T               (B, T, V)   tied head (or h @ head.weight)
+
+The tied head reuses the embedding matrix, so that matrix has two uses and
+its gradient is the sum of both: the scatter-add from the lookup and the
+matmul from the head (Press & Wolf 2017).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinylm.backend import host_rng, to_device, to_numpy, xp_of
+from tinylm.nn.activation import Dropout, seed_dropout
+from tinylm.nn.block import Block
+from tinylm.nn.linear import Embedding, Linear, check_ids
+from tinylm.nn.module import Module
+from tinylm.nn.norm import LayerNorm
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """The shape of a GPT. Defaults keep GPT-2's architecture."""
+
+    vocab_size: int  # V: number of token ids
+    context_length: int  # longest sequence the model sees (positions 0..context_length-1)
+    d_model: int  # C: width of the residual stream
+    n_layers: int  # number of transformer blocks
+    n_heads: int  # attention heads per block; head size = d_model // n_heads
+    dropout: float = 0.0  # on embeddings, attention weights and residual branches (train only)
+    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True)
+    tie_weights: bool = True  # output head shares the token-embedding matrix (GPT-2: True)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"GPTConfig.{name} must be an int, got {value!r}")
+            if value < 1:
+                raise ValueError(f"GPTConfig.{name} must be >= 1, got {value}")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"GPTConfig.d_model ({self.d_model}) must be divisible by "
+                f"GPTConfig.n_heads ({self.n_heads})"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        for name in ("bias", "tie_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.d_model // self.n_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> GPTConfig:
+        """Build from a dict (e.g. config.json); unknown keys are an error naming them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(known)}")
+        return cls(**d)
+
+
+class GPT(Module):
+    """A GPT-2 style decoder. `GPT(config, seed=0, device="cpu", dtype="float32")`."""
+
+    def __init__(self, config: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32"):
+        super().__init__(device, dtype)
+        if not isinstance(config, GPTConfig):
+            raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.seed = seed
+        kw = dict(device=device, dtype=dtype)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layers): each block
+        # adds two branches to the residual stream, and this keeps its variance flat.
+        proj_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        self.pos_emb = Embedding(cfg.context_length, cfg.d_model, **kw)
+        self.drop = Dropout(cfg.dropout, **kw)
+        self.blocks = [
+            Block(cfg.d_model, cfg.n_heads, bias=cfg.bias, dropout=cfg.dropout,
+                  proj_init_std=proj_std, **kw)
+            for _ in range(cfg.n_layers)
+        ]
+        self.ln_f = LayerNorm(cfg.d_model, bias=cfg.bias, **kw)
+        if not cfg.tie_weights:
+            self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+        self.init_weights(seed)
+        self.seed_dropout(seed)
+        self._h = None
+
+    # -- initialisation ---------------------------------------------------
+
+    def init_weights(self, seed: int) -> None:
+        """GPT-2 initialisation, drawn on the host in parameter-name order, so one
+        seed gives the same weights on every machine and backend:
+        weights ~ normal(0, 0.02), residual projections ~ normal(0, 0.02/sqrt(2L)),
+        biases 0, LayerNorm weight 1 and bias 0."""
+        rng = host_rng(seed)
+        std_proj = 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p, _ in self.parameters():
+            if ".ln" in name or name.startswith("ln_"):
+                value = np.ones(p.shape) if name.endswith("weight") else np.zeros(p.shape)
+            elif name.endswith("bias"):
+                value = np.zeros(p.shape)
+            else:
+                std = std_proj if name.endswith("proj.weight") else 0.02
+                value = rng.standard_normal(p.shape) * std
+            p[...] = to_device(value.astype(p.dtype), self.xp)
+
+    def seed_dropout(self, seed: int) -> None:
+        """Restart every dropout layer's mask stream (each layer its own stream)."""
+        seed_dropout(self, seed)
+
+    # -- forward / backward -------------------------------------------------
+
+    def forward(self, idx):
+        """idx (B, T) integer token ids -> logits (B, T, V)."""
+        xp = self.xp
+        if xp_of(idx) is not xp:  # lists, or ids on the other device
+            idx = to_device(to_numpy(idx), xp)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be a (B, T) array of token ids, got shape {idx.shape}")
+        B, T = idx.shape
+        if T > self.config.context_length:
+            raise ValueError(
+                f"sequence length {T} exceeds context_length {self.config.context_length}; "
+                "crop the input to the last context_length tokens"
+            )
+        check_ids(idx, self.config.vocab_size, "GPT.forward")
+        x = self.tok_emb.forward(idx)  # (B, T, C)
+        x += self.pos_emb.forward(xp.arange(T))  # (T, C), broadcast over the batch
+        x = self.drop.forward(x)
+        for block in self.blocks:
+            x = block.forward(x)  # (B, T, C)
+        h = self.ln_f.forward(x)  # (B, T, C)
+        self._h = h
+        if self.config.tie_weights:
+            W = self.tok_emb.params["weight"]  # (V, C)
+            return (h.reshape(B * T, -1) @ W.T).reshape(B, T, -1)  # (B, T, V)
+        return self.head.forward(h)  # (B, T, V)
+
+    def backward(self, dlogits) -> None:
+        """dlogits (B, T, V) -> fills every parameter's grad (accumulating)."""
+        h = self._need_cache(self._h)
+        self._h = None
+        C = self.config.d_model
+        if self.config.tie_weights:
+            W = self.tok_emb.params["weight"]  # (V, C)
+            # logits = h @ W^T  =>  dh = dlogits @ W,  dW += dlogits^T @ h  (the head's share)
+            dh = dlogits @ W  # (B, T, C)
+            V = dlogits.shape[-1]
+            self.tok_emb.grads["weight"] += dlogits.reshape(-1, V).T @ h.reshape(-1, C)
+        else:
+            dh = self.head.backward(dlogits)  # (B, T, C)
+        dx = self.ln_f.backward(dh)
+        for block in reversed(self.blocks):
+            dx = block.backward(dx)
+        dx = self.drop.backward(dx)
+        # x = tok_emb[idx] + pos_emb[t]: the sum forks dx to both tables; each
+        # position's row collects the gradient of every sequence in the batch.
+        self.pos_emb.backward(dx.sum(axis=0))  # (T, C)
+        self.tok_emb.backward(dx)  # the lookup's share of the (tied) matrix gradient
+
+    # -- state --------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """{name: NumPy copy} for every parameter (see API.md for the names)."""
+        return {name: to_numpy(p).copy() for name, p, _ in self.parameters()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Copy values in place; names and shapes must match exactly."""
+        own = {name: p for name, p, _ in self.parameters()}
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(
+                f"state dict does not match the model: missing {missing}, unexpected {unexpected}"
+            )
+        for name, p in own.items():
+            value = state[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(
+                    f"shape mismatch for {name}: state dict has {tuple(value.shape)}, "
+                    f"model expects {tuple(p.shape)}"
+                )
+        for name, p in own.items():
+            p[...] = to_device(to_numpy(state[name]).astype(p.dtype), self.xp)

@@ -1,0 +1,111 @@
+"""Causal multi-head self-attention (Vaswani et al. 2017), as in GPT-2.
+
+    qkv = x @ W_qkv + b_qkv                  (B, T, 3C) = [q | k | v]
+    q, k, v split into H heads of size hs    (B, H, T, hs) each
+    att = softmax(q k^T / sqrt(hs) + mask)   (B, H, T, T), mask = -inf above the diagonal
+    y = att v, heads concatenated            (B, T, C)
+    out = y @ W_proj + b_proj                (B, T, C)
+
+The mask makes position t attend only to positions <= t, so no information
+(and no gradient) flows from the future. A masked score of -inf becomes an
+attention weight of exactly 0 after the softmax, and a zero weight passes no
+gradient back: the softmax backward multiplies by `att`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from tinylm.backend import xp_of
+from tinylm.nn.activation import Dropout
+from tinylm.nn.linear import Linear
+from tinylm.nn.module import Module, make_rng
+
+
+class CausalSelfAttention(Module):
+    """Sub-layers: `qkv` = Linear(C, 3C), `proj` = Linear(C, C); dropout on the
+    attention weights and on the output (nanoGPT's attn_dropout/resid_dropout).
+
+    Cache: q (B,H,T,hs), k^T (B,H,hs,T), v (B,H,T,hs), the attention weights
+    att (B,H,T,T), i.e. the softmax *output* (its backward needs that, not the
+    scores), and att after dropout (the same array when dropout is off).
+    """
+
+    def __init__(self, d_model: int, n_heads: int, *, bias: bool = True, dropout: float = 0.0,
+                 proj_init_std: float = 0.02, rng=None, device="cpu", dtype="float32"):
+        super().__init__(device, dtype)
+        if d_model % n_heads != 0:
+            raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
+        rng = make_rng(rng)
+        self.d_model, self.n_heads, self.head_size = d_model, n_heads, d_model // n_heads
+        kw = dict(device=device, dtype=dtype)
+        self.qkv = Linear(d_model, 3 * d_model, bias=bias, rng=rng, **kw)
+        self.proj = Linear(d_model, d_model, bias=bias, init_std=proj_init_std, rng=rng, **kw)
+        self.attn_drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
+        self.resid_drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
+        self._masks = {}  # T -> (T, T) additive mask (0 or -inf), built once per length
+        self._cache = None
+
+    def causal_mask(self, T: int, xp, dtype):
+        """(T, T) additive mask: 0 where key position <= query position, -inf above."""
+        key = (T, xp.__name__, str(dtype))
+        if key not in self._masks:
+            future = xp.triu(xp.ones((T, T), dtype=bool), k=1)  # True where j > i
+            self._masks[key] = xp.where(future, -xp.inf, 0.0).astype(dtype)
+        return self._masks[key]
+
+    def forward(self, x):
+        xp = xp_of(x)
+        B, T, C = x.shape
+        H, hs = self.n_heads, self.head_size
+        qkv = self.qkv.forward(x).reshape(B, T, 3, H, hs)  # (B, T, 3, H, hs)
+        # Contiguous per-head operands: batched matmuls on transposed views are
+        # slow with multi-threaded OpenBLAS (see PERF_NOTES), so pay one copy each.
+        q = xp.ascontiguousarray(qkv[:, :, 0].transpose(0, 2, 1, 3))  # (B, H, T, hs)
+        kT = xp.ascontiguousarray(qkv[:, :, 1].transpose(0, 2, 3, 1))  # (B, H, hs, T)
+        v = xp.ascontiguousarray(qkv[:, :, 2].transpose(0, 2, 1, 3))  # (B, H, T, hs)
+
+        att = q @ kT  # (B, H, T, T) scores
+        att *= 1.0 / math.sqrt(hs)  # keeps the scores' variance ~1 (Vaswani et al. 3.2.1)
+        att += self.causal_mask(T, xp, att.dtype)  # future positions -> -inf
+        # softmax over the keys, stabilised by subtracting the row max (a finite
+        # number: the diagonal is never masked)
+        att -= att.max(axis=-1, keepdims=True)
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)  # (B, H, T, T) weights, rows sum to 1
+        att_d = self.attn_drop.forward(att)  # (B, H, T, T)
+
+        y = att_d @ v  # (B, H, T, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side again
+        self._cache = (q, kT, v, att, att_d)  # att_d is att itself without dropout
+        return self.resid_drop.forward(self.proj.forward(y))  # (B, T, C)
+
+    def backward(self, dout):
+        q, kT, v, att, att_d = self._need_cache(self._cache)
+        self._cache = None
+        xp = xp_of(dout)
+        B, T, C = dout.shape
+        H, hs = self.n_heads, self.head_size
+
+        dy = self.proj.backward(self.resid_drop.backward(dout))  # (B, T, C)
+        dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
+
+        # y = att_d @ v  =>  datt_d = dy v^T,  dv = att_d^T dy
+        datt = dy @ v.swapaxes(-1, -2)  # (B, H, T, T)
+        dv = att_d.swapaxes(-1, -2) @ dy  # (B, H, T, hs)
+        datt = self.attn_drop.backward(datt)
+
+        # softmax backward: dscore = att * (datt - sum_j datt_j att_j)
+        # (masked entries have att = 0, so they get no gradient: nothing from the future)
+        dscore = datt
+        dscore -= (datt * att).sum(axis=-1, keepdims=True)
+        dscore *= att
+        dscore *= 1.0 / math.sqrt(hs)
+
+        # scores = q @ k^T  =>  dq = dscore k,  dk^T = q^T dscore
+        dq = dscore @ kT.swapaxes(-1, -2)  # (B, H, T, hs)
+        dk = dscore.swapaxes(-1, -2) @ q  # (B, H, T, hs)
+
+        # back through the head split: (B, H, T, hs) x3 -> (B, T, 3, H, hs) -> (B, T, 3C)
+        dqkv = xp.stack([dq, dk, dv], axis=2).transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * C)
+        return self.qkv.backward(dqkv)  # (B, T, C)

@@ -1,0 +1,92 @@
+"""Softmax cross-entropy with label smoothing and ignored positions.
+
+For one row of logits z (V,) with target y and smoothing eps, PyTorch's
+`cross_entropy(..., label_smoothing=eps)` is
+
+    log p  = z - logsumexp(z)                         (log-softmax)
+    loss   = (1 - eps) * (-log p[y]) + eps * mean_v(-log p[v])
+
+and the reported loss is the mean over positions whose target is not
+`ignore_index`. Its gradient is the famous `p - target`, with the smoothed
+target distribution q = (1 - eps) * onehot(y) + eps / V:
+
+    dloss/dz = (p - q) / n_valid      (0 for ignored rows)
+"""
+
+from __future__ import annotations
+
+from tinylm.backend import xp_of
+
+
+class SoftmaxCrossEntropy:
+    """`forward(logits (B,T,V) or (N,V), targets (B,T) or (N,)) -> float`; `backward() -> dlogits`.
+
+    Cache: the softmax probabilities p (N, V), the targets and the valid-row mask.
+    No parameters (it has empty `params`/`grads` so it can be checked like a layer).
+    """
+
+    def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
+        if not 0.0 <= label_smoothing <= 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        self.label_smoothing = float(label_smoothing)
+        self.ignore_index = int(ignore_index)
+        self.params, self.grads = {}, {}
+        self._cache = None
+
+    def parameters(self, prefix=""):
+        return iter(())
+
+    def forward(self, logits, targets) -> float:
+        xp = xp_of(logits)
+        if logits.ndim not in (2, 3):
+            raise ValueError(f"logits must be (B, T, V) or (N, V), got shape {logits.shape}")
+        if targets.shape != logits.shape[:-1]:
+            raise ValueError(
+                f"targets must have shape {logits.shape[:-1]} to match logits {logits.shape}, "
+                f"got {targets.shape}"
+            )
+        if targets.dtype.kind not in "iu":
+            raise TypeError(f"targets must be integer class ids, got dtype {targets.dtype}")
+        V = logits.shape[-1]
+        z = logits.reshape(-1, V)  # (N, V)
+        y = targets.reshape(-1)  # (N,)
+        valid = y != self.ignore_index  # (N,) bool
+        bad = valid & ((y < 0) | (y >= V))
+        if bool(bad.any()):
+            first = int(y[xp.argmax(bad)])
+            raise ValueError(
+                f"target {first} is outside [0, {V}) and is not ignore_index ({self.ignore_index})"
+            )
+        y_safe = xp.where(valid, y, 0)  # ignored rows read column 0, then get weight 0
+
+        # log-softmax, stabilised: subtracting the row max does not change it (log-sum-exp trick)
+        shifted = z - z.max(axis=-1, keepdims=True)  # (N, V)
+        p = xp.exp(shifted)  # (N, V) unnormalised
+        sumexp = p.sum(axis=-1, keepdims=True)  # (N, 1)
+        logp_target = shifted[xp.arange(len(y)), y_safe] - xp.log(sumexp[:, 0])  # (N,)
+        per_row = -(1.0 - self.label_smoothing) * logp_target
+        if self.label_smoothing > 0.0:
+            mean_logp = shifted.mean(axis=-1) - xp.log(sumexp[:, 0])  # (N,) mean_v log p[v]
+            per_row -= self.label_smoothing * mean_logp
+        n_valid = int(valid.sum())
+        p /= sumexp  # (N, V) probabilities, kept for backward
+        self._cache = (p, y_safe, valid, n_valid, logits.shape)
+        if n_valid == 0:
+            return float("nan")  # as PyTorch: a mean over no positions
+        return float((per_row * valid).sum()) / n_valid
+
+    def backward(self, dloss=1.0):
+        if self._cache is None:
+            raise RuntimeError("SoftmaxCrossEntropy.backward called without a matching forward")
+        p, y, valid, n_valid, shape = self._cache
+        self._cache = None
+        xp = xp_of(p)
+        N, V = p.shape
+        # dloss/dz = (p - q) / n_valid with q = (1 - eps) onehot(y) + eps / V
+        dz = p  # reuse the probabilities' buffer (N, V)
+        if self.label_smoothing > 0.0:
+            dz -= self.label_smoothing / V
+        dz[xp.arange(N), y] -= 1.0 - self.label_smoothing
+        scale = float(dloss) / max(n_valid, 1)
+        dz *= (valid * scale)[:, None].astype(dz.dtype)  # ignored rows -> 0
+        return dz.reshape(shape)
