@@ -1,0 +1,48 @@
+"""Tokenizers: byte-level BPE (as GPT-2 and GPT-4) and a character-level baseline.
+
+    from tinylm.tokenizer import BPETokenizer, CharTokenizer, load
+    tok = BPETokenizer.train(text, vocab_size=4096, special_tokens=["<|endoftext|>"])
+    tok.save("tokenizer.json")
+    tok = load("tokenizer.json")          # any tinylm tokenizer file (BPE or char)
+
+Where to look (read in this order):
+  bpe.py            the steps as small pure functions: split, get_stats, merge, encode_chunk
+  train.py          learning merges: the simple reference trainer and the fast incremental one
+  bpe_tokenizer.py  BPETokenizer: encode (with a cache), special tokens, decode, files
+  gpt2_files.py     GPT-2's vocab.json / merges.txt and its byte-to-unicode table
+  char.py           CharTokenizer
+  fileformat.py     the versioned JSON file both tokenizers use
+  visualize.py      show_tokens: coloured token boundaries for a terminal or a notebook
+  cli.py            `tinylm tokenizer train|encode|decode`
+The full story is in docs/tokenizer.md.
+"""
+
+from .bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, encode_chunk, get_stats, merge
+from .bpe_tokenizer import BPETokenizer
+from .char import CharTokenizer
+from .fileformat import check_header, read_json
+from .gpt2_files import bytes_to_unicode
+from .visualize import TokenView, show_tokens, token_pieces
+
+TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
+
+
+def from_dict(d: dict, source: str = "tokenizer data"):
+    """A tokenizer of the type named in `d["type"]` (what `to_dict()` returns)."""
+    check_header(d, source)
+    if d.get("type") not in TOKENIZER_TYPES:
+        raise ValueError(f"{source}: unknown tokenizer type {d.get('type')!r} "
+                         f"(known: {', '.join(TOKENIZER_TYPES)})")
+    return TOKENIZER_TYPES[d["type"]].from_dict(d, source)
+
+
+def load(path):
+    """Read any tinylm tokenizer file (BPE or char)."""
+    return from_dict(read_json(path), str(path))
+
+
+__all__ = [
+    "BPETokenizer", "CharTokenizer", "load", "from_dict", "show_tokens", "token_pieces",
+    "TokenView", "bytes_to_unicode", "get_stats", "merge", "encode_chunk",
+    "GPT2_SPLIT_PATTERN", "GPT4_SPLIT_PATTERN",
+]

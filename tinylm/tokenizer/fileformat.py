@@ -1,0 +1,108 @@
+"""The tokenizer file: versioned, human-readable JSON shared by every tokenizer type.
+
+Every file starts with the same three fields, then what its type needs:
+
+    {
+      "format": "tinylm-tokenizer",
+      "version": 1,
+      "type": "bpe",            (or "char")
+      ...
+    }
+
+`read_json` checks them and says clearly what is wrong with a file that is not ours
+(GPT-2's vocab.json, a Hugging Face tokenizer.json, a newer version). Writes go to a
+temporary file first and are then renamed, so a crash never leaves half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import regex
+
+FORMAT = "tinylm-tokenizer"
+VERSION = 1
+
+
+def header(kind: str) -> dict:
+    """The fields every tokenizer file starts with.
+
+    >>> header("char")
+    {'format': 'tinylm-tokenizer', 'version': 1, 'type': 'char'}
+    """
+    return {"format": FORMAT, "version": VERSION, "type": kind}
+
+
+def check_header(d, source: str = "tokenizer data", kind: str | None = None) -> None:
+    """Raise a clear ValueError unless `d` is tinylm tokenizer data (of type `kind`)."""
+    if not isinstance(d, dict) or d.get("format") != FORMAT:
+        hint = ""
+        if isinstance(d, dict) and "model" in d and "added_tokens" in d:
+            hint = " It looks like a Hugging Face tokenizer.json."
+        elif isinstance(d, dict) and d and all(isinstance(v, int) for v in d.values()):
+            hint = (" It looks like GPT-2's vocab.json: use "
+                    "BPETokenizer.from_gpt2(vocab_json, merges_txt).")
+        raise ValueError(f'{source}: not a tinylm tokenizer file (no "format": "{FORMAT}").{hint}')
+    if d.get("version") != VERSION:
+        raise ValueError(
+            f"{source}: tokenizer file version {d.get('version')!r} is not supported "
+            f"(this tinylm reads version {VERSION})"
+        )
+    if kind is not None and d.get("type") != kind:
+        raise ValueError(f"{source}: holds a {d.get('type')!r} tokenizer, not a {kind!r} one")
+
+
+def dumps(d: dict) -> str:
+    """JSON with an indent of 2, but each list of plain values kept on one line.
+
+    So a BPE file shows one merge per line. (Joining lines is safe: JSON never has a
+    raw newline inside a string.)
+
+    >>> print(dumps({"merges": [[104, 105, 256, "hi"], [256, 93, 257, "hi]"]]}))
+    {
+      "merges": [
+        [104, 105, 256, "hi"],
+        [256, 93, 257, "hi]"]
+      ]
+    }
+    """
+    text = json.dumps(d, indent=2, ensure_ascii=False)
+    # an innermost list: "[", newline, then strings or characters other than brackets
+    innermost = r'\[\n\s*((?:"(?:[^"\\]|\\.)*"|[^\[\]{}"])*?)\n\s*\]'
+    return regex.sub(innermost, lambda m: "[" + regex.sub(r",\n\s*", ", ", m[1]) + "]", text)
+
+
+def write_json(path, d: dict) -> None:
+    """Write `d` to `path` atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(dumps(d) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path, kind: str | None = None) -> dict:
+    """Read and check a tokenizer file; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a JSON tokenizer file ({exc})") from None
+    check_header(d, str(path), kind)
+    return d
+
+
+class SavesAsJson:
+    """`save(path)` / `load(path)` for a class with `to_dict()` / `from_dict(d)`."""
+
+    def save(self, path) -> None:
+        """Write the tokenizer to `path` as JSON (see `fileformat`)."""
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path):
+        """Read a tokenizer written by `save`."""
+        return cls.from_dict(read_json(path), source=str(path))
