@@ -14,6 +14,8 @@ import sys
 # name -> (module, one-line help). Modules are imported only when used, so
 # `tinylm --help` stays fast and one command's dependencies never slow another.
 COMMANDS = {
+    "train": ("tinylm.train", "train a GPT on a text file (default: the bundled Tiny Shakespeare)"),
+    "generate": ("tinylm.generate_cli", "sample text from a checkpoint (or a Hugging Face GPT-2)"),
     "gradcheck": ("tinylm.gradcheck", "check every layer's backward against finite differences"),
     "bench": ("tinylm.bench", "time full training steps (tokens/s, FLOP/s, memory)"),
     "tokenizer": ("tinylm.tokenizer.cli", "train a BPE tokenizer, encode or decode text"),

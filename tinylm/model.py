@@ -162,9 +162,10 @@ class GPT(Module):
         if self.config.tie_weights:
             W = self.tok_emb.params["weight"]  # (V, C)
             # logits = h @ W^T  =>  dh = dlogits @ W,  dW += dlogits^T @ h  (the head's share)
-            dh = dlogits @ W  # (B, T, C)
             V = dlogits.shape[-1]
-            self.tok_emb.grads["weight"] += dlogits.reshape(-1, V).T @ h.reshape(-1, C)
+            dlogits2 = dlogits.reshape(-1, V)  # (N, V)
+            dh = (dlogits2 @ W).reshape(h.shape)  # (B, T, C)
+            self.tok_emb.grads["weight"] += dlogits2.T @ h.reshape(-1, C)
         else:
             dh = self.head.backward(dlogits)  # (B, T, C)
         dx = self.ln_f.backward(dh)

@@ -42,7 +42,17 @@ def load(path):
 
 
 __all__ = [
-    "BPETokenizer", "CharTokenizer", "load", "from_dict", "show_tokens", "token_pieces",
-    "TokenView", "bytes_to_unicode", "get_stats", "merge", "encode_chunk",
-    "GPT2_SPLIT_PATTERN", "GPT4_SPLIT_PATTERN",
+    "GPT2_SPLIT_PATTERN",
+    "GPT4_SPLIT_PATTERN",
+    "BPETokenizer",
+    "CharTokenizer",
+    "TokenView",
+    "bytes_to_unicode",
+    "encode_chunk",
+    "from_dict",
+    "get_stats",
+    "load",
+    "merge",
+    "show_tokens",
+    "token_pieces",
 ]

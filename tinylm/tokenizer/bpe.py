@@ -8,13 +8,16 @@ Text becomes token ids in three steps (read this file top to bottom):
 2. **Bytes**: each chunk becomes its UTF-8 bytes. Ids 0-255 *are* the bytes, so any
    string (any language, emoji, control characters) has an encoding; nothing is unknown.
 3. **Merges**: a learned merge `(a, b) -> c` replaces the adjacent ids `a, b` by `c`.
-   `encode_chunk` applies the merges in the order they were learned (`merge` is the
-   one place where a merge is carried out; training uses it too).
+   `encode_chunk` applies the merges in the order they were learned (`merge` is where
+   a merge is carried out; `encode_chunk` is its fast twin for encoding, tested against
+   the simple `encode_chunk_simple`).
 
 Training (which merges to learn) is in `train.py`; `bpe_tokenizer.py` puts it together.
 """
 
 from __future__ import annotations
+
+from itertools import pairwise
 
 import regex
 
@@ -99,7 +102,7 @@ def get_stats(ids: list[int], counts: dict | None = None, weight: int = 1) -> di
     {(1, 2): 8}
     """
     counts = {} if counts is None else counts
-    for pair in zip(ids, ids[1:]):
+    for pair in pairwise(ids):
         counts[pair] = counts.get(pair, 0) + weight
     return counts
 
@@ -125,22 +128,53 @@ def merge(ids: list[int], pair: tuple[int, int], idx: int) -> list[int]:
     return newids
 
 
-def encode_chunk(ids: list[int], merges: dict[tuple[int, int], int]) -> list[int]:
+def encode_chunk_simple(ids: list[int], merges: dict[tuple[int, int], int]) -> list[int]:
     """Apply `merges` to one chunk's ids, the earliest-learned merge first, until none applies.
 
     A merge's rank is its new id: merges learned earlier got smaller ids. So this replays,
-    on one chunk, exactly what training did to every chunk.
+    on one chunk, what training did to every chunk. This is the readable reference;
+    `encode_chunk` gives the same ids faster.
 
     >>> merges = {(104, 105): 256, (256, 256): 257}    # "hi" -> 256, "hihi" -> 257
-    >>> encode_chunk(list(b"hihih"), merges)
+    >>> encode_chunk_simple(list(b"hihih"), merges)
     [257, 104]
     """
     while len(ids) >= 2:
         # the adjacent pair learned first; pairs that are not merges rank as infinity
-        pair = min(zip(ids, ids[1:]), key=lambda p: merges.get(p, INF))
+        pair = min(pairwise(ids), key=lambda p: merges.get(p, INF))
         if pair not in merges:
             break  # nothing left to merge
         ids = merge(ids, pair, merges[pair])
+    return ids
+
+
+def encode_chunk(ids: list[int], merges: dict[tuple[int, int], int]) -> list[int]:
+    """The same ids as `encode_chunk_simple`, without recounting every pair per step.
+
+    `ranks[i]` is the rank of the pair `(ids[i], ids[i+1])` (INF if it is not a merge).
+    Each step merges the lowest-ranked pair, the leftmost if it occurs twice, and then
+    only the ranks of its two new neighbours change. (This is tiktoken's algorithm.)
+    Merging one occurrence at a time gives what `merge` gives: the next step picks the
+    same pair again at its next occurrence, because a pair that holds the new token was
+    learned after it and so ranks after it.
+
+    >>> merges = {(104, 105): 256, (256, 256): 257}    # "hi" -> 256, "hihi" -> 257
+    >>> encode_chunk(list(b"hihih"), merges)            # ranks [256, inf, 256, inf]
+    [257, 104]
+    """
+    ids = list(ids)
+    ranks = [merges.get(pair, INF) for pair in pairwise(ids)]
+    while ranks:
+        rank = min(ranks)
+        if rank == INF:
+            break  # nothing left to merge
+        i = ranks.index(rank)
+        ids[i : i + 2] = [merges[ids[i], ids[i + 1]]]  # ids[i], ids[i+1] -> the new token
+        del ranks[i]  # ranks[i-1] and ranks[i] now describe the new token's neighbours
+        if i > 0:
+            ranks[i - 1] = merges.get((ids[i - 1], ids[i]), INF)
+        if i < len(ranks):
+            ranks[i] = merges.get((ids[i], ids[i + 1]), INF)
     return ids
 
 

@@ -48,6 +48,7 @@ class BPETokenizer(SavesAsJson):
         self.vocab = build_vocab(self.merges, self.byte_ids)
         self.special_tokens = {}
         self._id_to_bytes = dict(self.vocab)  # vocab + special tokens, for decoding
+        self._bytes_to_id = {token: idx for idx, token in self.vocab.items()}
         self._cache = {}  # chunk text -> its ids
         self.register_special_tokens(special_tokens or {})
 
@@ -73,6 +74,8 @@ class BPETokenizer(SavesAsJson):
         if trainer not in TRAINERS:
             raise ValueError(f"trainer must be one of {sorted(TRAINERS)}, got {trainer!r}")
         pattern = resolve_pattern(pattern)
+        if isinstance(special_tokens, str):
+            special_tokens = [special_tokens]
         special_tokens = list(special_tokens or [])
         chunk_counts = count_chunks(text, pattern, special_tokens)
         try:
@@ -127,20 +130,31 @@ class BPETokenizer(SavesAsJson):
         [104, 195, 169, 33]
         """
         _check_text(text)
-        ids = []
-        cache = self._cache
         try:
-            for chunk in split_text(text, self.pattern):
-                chunk_ids = cache.get(chunk)
-                if chunk_ids is None:
-                    chunk_ids = self._encode_new_chunk(chunk)
-                ids.extend(chunk_ids)
+            return self._encode_ordinary(text)
         except UnicodeEncodeError:
             raise unencodable_error(text) from None
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids = []
+        cache = self._cache
+        for chunk in split_text(text, self.pattern):
+            chunk_ids = cache.get(chunk)
+            if chunk_ids is None:
+                chunk_ids = self._encode_new_chunk(chunk)
+            ids.extend(chunk_ids)
         return ids
 
     def _encode_new_chunk(self, chunk: str) -> list[int]:
-        ids = encode_chunk([self.byte_ids[b] for b in chunk.encode("utf-8")], self.merges)
+        data = chunk.encode("utf-8")
+        # Shortcut (tiktoken's too): a chunk that is itself a token, as most words are
+        # once the vocabulary is large, needs no merging. Merging its bytes would give
+        # the same: training built that token from these bytes by the same merges.
+        idx = self._bytes_to_id.get(data)
+        if idx is not None:
+            ids = [idx]
+        else:
+            ids = encode_chunk([self.byte_ids[b] for b in data], self.merges)
         if len(self._cache) >= CACHE_SIZE:
             self._cache.clear()
         self._cache[chunk] = ids
@@ -175,13 +189,17 @@ class BPETokenizer(SavesAsJson):
             return self.encode_ordinary(text)
         # Split on the allowed special tokens (longest first, so one that contains
         # another wins); the capturing group keeps them: [text, special, text, ...].
-        special_re = "(" + "|".join(regex.escape(s) for s in sorted(allowed, key=len, reverse=True)) + ")"
+        by_length = sorted(allowed, key=len, reverse=True)
+        special_re = "(" + "|".join(regex.escape(s) for s in by_length) + ")"
         ids = []
-        for i, part in enumerate(regex.split(special_re, text)):
-            if i % 2:
-                ids.append(self.special_tokens[part])
-            else:
-                ids.extend(self.encode_ordinary(part))
+        try:
+            for i, part in enumerate(regex.split(special_re, text)):
+                if i % 2:
+                    ids.append(self.special_tokens[part])
+                else:
+                    ids.extend(self._encode_ordinary(part))
+        except UnicodeEncodeError:
+            raise unencodable_error(text) from None
         return ids
 
     def _allowed_special(self, allowed_special) -> set:
@@ -278,8 +296,8 @@ def _check_text(text) -> None:
 def unencodable_error(text: str) -> ValueError:
     """The error for text with no UTF-8 encoding: it holds a lone surrogate.
 
-    >>> print(unencodable_error("ok\\ud800"))
-    the text has a lone surrogate U+D800 at index 2: not a valid character, so it has no UTF-8 encoding (text read with errors='surrogateescape' can contain these)
+    >>> print(unencodable_error("ok\\ud800"))  # doctest: +ELLIPSIS
+    the text has a lone surrogate U+D800 at index 2: not a valid character, ...
     """
     index, char = next((i, c) for i, c in enumerate(text) if 0xD800 <= ord(c) <= 0xDFFF)
     return ValueError(

@@ -74,9 +74,10 @@ class CharTokenizer(SavesAsJson):
     @classmethod
     def from_dict(cls, d: dict, source: str = "tokenizer data") -> CharTokenizer:
         check_header(d, source, "char")
-        if not isinstance(d.get("chars"), str):
-            raise ValueError(f'{source}: damaged char tokenizer data (no "chars" string)')
-        return cls(d["chars"])
+        try:
+            return cls(d["chars"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: damaged char tokenizer data ({exc!r})") from None
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"

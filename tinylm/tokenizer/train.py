@@ -24,6 +24,7 @@ from __future__ import annotations
 import heapq
 from collections import Counter, defaultdict
 from collections.abc import Iterator
+from itertools import pairwise
 
 import regex
 
@@ -82,7 +83,7 @@ def train_simple(chunks: list[list[int]], weights: list[int], num_merges: int) -
     chunks = [list(ids) for ids in chunks]
     for new_id in range(256, 256 + num_merges):
         stats = {}
-        for ids, weight in zip(chunks, weights):
+        for ids, weight in zip(chunks, weights, strict=True):
             get_stats(ids, stats, weight)
         if not stats:
             return
@@ -111,9 +112,9 @@ def train_fast(chunks: list[list[int]], weights: list[int], num_merges: int) -> 
     chunks = [list(ids) for ids in chunks]
     stats = {}
     where = defaultdict(set)
-    for i, (ids, weight) in enumerate(zip(chunks, weights)):
+    for i, (ids, weight) in enumerate(zip(chunks, weights, strict=True)):
         get_stats(ids, stats, weight)
-        for pair in zip(ids, ids[1:]):
+        for pair in pairwise(ids):
             where[pair].add(i)
     heap = [priority(pair, count) for pair, count in stats.items()]
     heapq.heapify(heap)
@@ -131,7 +132,7 @@ def train_fast(chunks: list[list[int]], weights: list[int], num_merges: int) -> 
             new = chunks[i] = merge(old, pair, new_id)
             get_stats(old, changes, -weights[i])
             get_stats(new, changes, weights[i])
-            old_pairs, new_pairs = set(zip(old, old[1:])), set(zip(new, new[1:]))
+            old_pairs, new_pairs = set(pairwise(old)), set(pairwise(new))
             for p in old_pairs - new_pairs:
                 if p != pair:  # where[pair] is gone already: the pair never comes back
                     where[p].discard(i)

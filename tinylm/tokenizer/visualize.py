@@ -46,7 +46,7 @@ class TokenView:
         spans = "".join(
             f'<span style="background:{COLOURS[i % len(COLOURS)][1]}" title="id {idx}">'
             f"{html.escape(piece)}</span>"
-            for i, (idx, piece) in enumerate(zip(self.ids, self.pieces))
+            for i, (idx, piece) in enumerate(zip(self.ids, self.pieces, strict=True))
         )
         return f'<pre style="white-space:pre-wrap; color:#000">{spans}</pre>'
 
