@@ -10,7 +10,8 @@ from tinylm import GPT, GPTConfig, backend
 
 def test_get_xp_cpu_and_errors():
     assert backend.get_xp("cpu") is np
-    with pytest.raises(ValueError, match=r"device must be one of \('cpu', 'cuda', 'auto'\), got 'gpu'"):
+    expected = r"device must be one of \('cpu', 'cuda', 'auto'\), got 'gpu'"
+    with pytest.raises(ValueError, match=expected):
         backend.get_xp("gpu")
 
 

@@ -53,4 +53,5 @@ def test_bench_config_reports_a_training_step():
 
 def test_flops_formula():
     # 6 * (12 L d^2 + d V) + 12 L T d, as in PERF_NOTES.md
-    assert flops_per_token(V=512, d=128, L=4, T=128) == 6 * (12 * 4 * 128**2 + 128 * 512) + 12 * 4 * 128 * 128
+    expected = 6 * (12 * 4 * 128**2 + 128 * 512) + 12 * 4 * 128 * 128
+    assert flops_per_token(V=512, d=128, L=4, T=128) == expected

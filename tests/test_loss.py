@@ -12,9 +12,9 @@ from tinylm.nn import SoftmaxCrossEntropy
 
 
 def literal_cross_entropy(logits, targets, eps, ignore_index):
-    """torch.nn.functional.cross_entropy(label_smoothing=eps, ignore_index=...), one row at a time."""
+    """F.cross_entropy(label_smoothing=eps, ignore_index=...), one row at a time."""
     total, n = 0.0, 0
-    for z, y in zip(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)):
+    for z, y in zip(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), strict=True):
         if y == ignore_index:
             continue
         logp = [zi - math.log(sum(math.exp(zj) for zj in z)) for zi in z]

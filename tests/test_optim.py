@@ -71,7 +71,7 @@ def test_state_dict_round_trip():
     opt2.load_state_dict(state)
     opt.step()
     opt2.step()
-    for (_, a, _), (_, b, _) in zip(params, params2):
+    for (_, a, _), (_, b, _) in zip(params, params2, strict=True):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="missing"):
         AdamW(params[:1]).load_state_dict(state)
@@ -106,7 +106,7 @@ def test_cosine_schedule_shape():
     assert cosine_schedule(110, **kw) == pytest.approx(0.1)
     assert cosine_schedule(5000, **kw) == pytest.approx(0.1)
     lrs = [cosine_schedule(s, **kw) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))  # monotone decay
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))  # monotone decay
     assert cosine_schedule(35, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi / 4)))
     with pytest.raises(ValueError, match="warmup_steps"):
         cosine_schedule(0, max_lr=1, min_lr=0, warmup_steps=10, decay_steps=5)

@@ -10,6 +10,7 @@ the same weights (benchmarks/torch_gpt.py) is timed in another subprocess.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -53,8 +54,7 @@ def bench_config(name: str, steps: int, warmup: int, device: str, seed: int = 0,
     loss_fn = SoftmaxCrossEntropy(label_smoothing=0.1)
     opt = AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     rng = np.random.default_rng(seed)
-    batches = [(to_device(rng.integers(0, V, (B, T)), xp), to_device(rng.integers(0, V, (B, T)), xp))
-               for _ in range(4)]
+    batches = [tuple(to_device(rng.integers(0, V, (B, T)), xp) for _ in "xy") for _ in range(4)]
 
     def sync():
         if xp is not np:
@@ -110,8 +110,11 @@ def _subprocess(cmd: list[str], threads: int) -> dict:
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", nargs="+", default=["tiny", "small", "medium"],
                         choices=sorted(CONFIGS), help="configurations to time (default: all)")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per config (default 10)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per round (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="rounds per config, tinylm and torch alternating; the table shows "
+                             "the median over rounds (this machine is noisy: use 3 or more)")
     parser.add_argument("--threads", type=int, default=2,
                         help="BLAS/OpenMP threads for every side (default 2)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
@@ -122,45 +125,65 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one config, in-process
 
 
+def _median(values):
+    values = sorted(values)
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else 0.5 * (values[mid - 1] + values[mid])
+
+
 def run(args) -> int:
     if args.worker:  # we are the subprocess: time one config, print JSON
         print(json.dumps(bench_config(args.worker, args.steps, args.warmup, args.device,
                                       weights_out=os.environ.get("TINYLM_BENCH_WEIGHTS"))))
         return 0
-    if args.steps < 1 or args.warmup < 0 or args.threads < 1:
-        raise ValueError("--steps and --threads must be >= 1 and --warmup >= 0")
-    if args.compare_torch and not TORCH_SCRIPT.exists():
-        raise FileNotFoundError(f"--compare-torch needs {TORCH_SCRIPT} (a source checkout)")
-    results = []
-    print(f"tinylm bench: {args.steps} steps after {args.warmup} warm-up, {args.threads} threads, "
-          f"device {args.device}")
-    header = (f"{'config':<8} {'impl':<8} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
-              f"{'peak MB':>8} {'vs torch':>9}")
-    print(header)
+    if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.repeat < 1:
+        raise ValueError("--steps, --repeat and --threads must be >= 1 and --warmup >= 0")
+    if args.compare_torch:
+        if not TORCH_SCRIPT.exists():
+            raise FileNotFoundError(f"--compare-torch needs {TORCH_SCRIPT} (a source checkout)")
+        if importlib.util.find_spec("torch") is None:
+            raise RuntimeError("--compare-torch needs PyTorch: pip install torch")
+    print(f"tinylm bench: {args.steps} steps after {args.warmup} warm-up, {args.repeat} round(s), "
+          f"{args.threads} thread(s), device {args.device}")
+    print(f"{'config':<8} {'impl':<8} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
+          f"{'peak MB':>8} {'vs torch':>9}")
+    common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    all_results = []
     for name in args.config:
-        with tempfile.TemporaryDirectory() as tmp:
-            weights = os.path.join(tmp, "weights.npz")
-            os.environ["TINYLM_BENCH_WEIGHTS"] = weights if args.compare_torch else ""
-            ours = _subprocess([sys.executable, "-m", "tinylm", "bench", "--worker", name,
-                                "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                "--device", args.device], args.threads)
-            results.append(ours)
-            theirs = None
-            if args.compare_torch:
-                theirs = _subprocess([sys.executable, str(TORCH_SCRIPT), "--config", name,
-                                      "--steps", str(args.steps), "--warmup", str(args.warmup),
-                                      "--threads", str(args.threads), "--weights", weights,
-                                      "--json"], args.threads)
-                theirs["impl"] = "torch"
-                ours["ratio_vs_torch"] = ours["tokens_per_s"] / theirs["tokens_per_s"]
-                results.append(theirs)
-        for r in [ours] + ([theirs] if theirs else []):
+        rounds = {"tinylm": [], "torch": []}
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                weights = os.path.join(tmp, "weights.npz")
+                os.environ["TINYLM_BENCH_WEIGHTS"] = weights if args.compare_torch else ""
+                rounds["tinylm"].append(_subprocess(
+                    [sys.executable, "-m", "tinylm", "bench", "--worker", name, "--device",
+                     args.device] + common, args.threads))
+                if args.compare_torch:  # same weights, in a process of its own
+                    rounds["torch"].append(_subprocess(
+                        [sys.executable, str(TORCH_SCRIPT), "--config", name, "--threads",
+                         str(args.threads), "--weights", weights, "--json"] + common, args.threads))
+        summary = {impl: _summarise(name, impl, rs) for impl, rs in rounds.items() if rs}
+        if "torch" in summary:
+            summary["tinylm"]["ratio_vs_torch"] = (summary["tinylm"]["tokens_per_s"]
+                                                   / summary["torch"]["tokens_per_s"])
+        for r in summary.values():
             ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else ""
-            V, d, L, H, T, B = CONFIGS[name]
-            gflops = r.get("gflops_per_s", flops_per_token(V, d, L, T) * r["tokens_per_s"] / 1e9)
-            print(f"{name:<8} {r['impl']:<8} {r['step_ms_median']:>9.1f} {r['tokens_per_s']:>10,.0f} "
-                  f"{gflops:>8.1f} {r.get('peak_mem_mb', float('nan')):>8.0f} {ratio:>9}",
+            peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "-"
+            print(f"{name:<8} {r['impl']:<8} {r['step_ms_median']:>9.1f} "
+                  f"{r['tokens_per_s']:>10,.0f} {r['gflops_per_s']:>8.1f} {peak:>8} {ratio:>9}",
                   flush=True)
+        all_results.append({"config": name, "summary": summary, "rounds": rounds})
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+        Path(args.json).write_text(json.dumps(all_results, indent=2))
     return 0
+
+
+def _summarise(name: str, impl: str, rounds: list[dict]) -> dict:
+    """Median over rounds of each round's median step time."""
+    V, d, L, H, T, B = CONFIGS[name]
+    step_ms = _median([r["step_ms_median"] for r in rounds])
+    tok_s = B * T / (step_ms / 1e3)
+    peaks = [r["peak_mem_mb"] for r in rounds if r.get("peak_mem_mb")]
+    return {"config": name, "impl": impl, "rounds": len(rounds), "step_ms_median": step_ms,
+            "tokens_per_s": tok_s, "gflops_per_s": flops_per_token(V, d, L, T) * tok_s / 1e9,
+            "peak_mem_mb": max(peaks) if peaks else None}

@@ -202,8 +202,17 @@ def randomize_params(layer, rng: np.random.Generator, scale: float = 0.3) -> Non
 def suite_cases(device: str = "cpu"):
     """(label, thunk) pairs; each thunk builds a float64 case and returns its results."""
     from tinylm.model import GPT, GPTConfig
-    from tinylm.nn import (GELU, MLP, Block, CausalSelfAttention, Dropout, Embedding, LayerNorm,
-                           Linear, SoftmaxCrossEntropy)
+    from tinylm.nn import (
+        GELU,
+        MLP,
+        Block,
+        CausalSelfAttention,
+        Dropout,
+        Embedding,
+        LayerNorm,
+        Linear,
+        SoftmaxCrossEntropy,
+    )
 
     xp = get_xp(device)
     kw = dict(device=device, dtype="float64")
@@ -229,15 +238,17 @@ def suite_cases(device: str = "cpu"):
                            SoftmaxCrossEntropy(label_smoothing=0.1))
 
     dropout_train = Dropout(0.3, **kw).train()
+    ids_with_repeats = to_device(np.array([[1, 3, 1], [3, 3, 0]]), xp)  # (2, 3)
     return [
         ("Linear", lambda: layer_case(Linear(5, 7, **kw), data((2, 3, 5)))),
         ("Linear(bias=False)", lambda: layer_case(Linear(5, 4, bias=False, **kw), data((3, 5)))),
         ("Embedding (repeated ids)",
-         lambda: layer_case(Embedding(6, 4, **kw), to_device(np.array([[1, 3, 1], [3, 3, 0]]), xp))),
+         lambda: layer_case(Embedding(6, 4, **kw), ids_with_repeats)),
         ("LayerNorm", lambda: layer_case(LayerNorm(6, **kw), data((2, 3, 6)))),
         ("GELU", lambda: layer_case(GELU(**kw), data((3, 7), scale=2.0))),
         ("Dropout(0.3), fixed mask", lambda: layer_case(dropout_train, data((4, 5)))),
-        ("CausalSelfAttention", lambda: layer_case(CausalSelfAttention(8, 2, **kw), data((2, 5, 8)))),
+        ("CausalSelfAttention",
+         lambda: layer_case(CausalSelfAttention(8, 2, **kw), data((2, 5, 8)))),
         ("CausalSelfAttention(dropout)",
          lambda: layer_case(CausalSelfAttention(8, 2, dropout=0.2, **kw), data((2, 4, 8)))),
         ("MLP", lambda: layer_case(MLP(6, **kw), data((2, 3, 6)))),
@@ -291,7 +302,7 @@ def run(args) -> int:
     print(header)
     print("-" * len(header))
     n_failed = n_cases = 0
-    for label, results, seconds in run_suite(device, args.only):
+    for label, results, _seconds in run_suite(device, args.only):
         n_cases += 1
         failed = [r for r in results if not r.passed]
         n_failed += bool(failed)

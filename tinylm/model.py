@@ -56,7 +56,8 @@ class GPTConfig:
             raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"GPTConfig.{name} must be True or False, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                raise TypeError(f"GPTConfig.{name} must be True or False, got {value!r}")
 
     @property
     def head_size(self) -> int:

@@ -82,7 +82,8 @@ class Embedding(Module):
         ids = self._need_cache(self._ids)
         self._ids = None
         # out[n] = W[ids[n]]  =>  dW[v] = sum of dout[n] over all n with ids[n] == v
-        scatter_add_rows(self.grads["weight"], ids.reshape(-1), dout.reshape(-1, self.embedding_dim))
+        d2 = dout.reshape(-1, self.embedding_dim)  # (N, dim)
+        scatter_add_rows(self.grads["weight"], ids.reshape(-1), d2)
         return None  # integer ids have no gradient
 
 

@@ -25,7 +25,7 @@ import regex
 # GPT-2 splits off " word", " 123", " ?!" and runs of whitespace, and keeps the English
 # contractions 's 't 're 've 'm 'll 'd apart. GPT-4's also matches contractions in any
 # case, lets a word take one leading non-letter ("(word"), splits numbers into runs of
-# at most 3 digits, and keeps newlines apart from other whitespace.
+# at most 3 digits, and keeps newlines with the punctuation or spaces before them.
 # (`++` and `?+` are possessive quantifiers: the same matches, without backtracking.)
 GPT2_SPLIT_PATTERN = (
     r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -141,13 +141,13 @@ def train_fast(chunks: list[list[int]], weights: list[int], num_merges: int) -> 
         for p, change in changes.items():
             if change == 0:
                 continue  # e.g. a pair in an untouched part of a changed chunk
-            count = stats.get(p, 0) + change
-            if count == 0:
+            new_count = stats.get(p, 0) + change
+            if new_count == 0:
                 del stats[p]
             else:
-                stats[p] = count
+                stats[p] = new_count
                 if change > 0:  # a count that went down keeps its (now too high) entry
-                    heapq.heappush(heap, priority(p, count))
+                    heapq.heappush(heap, priority(p, new_count))
 
 
 def pop_best(heap: list, stats: dict) -> tuple[tuple[int, int], int] | None:
