@@ -20,7 +20,7 @@ def test_sinusoidal_values_and_relative_shift():
     k = 5
     for i in range(4):
         w = 10000 ** (-2 * i / 8)
-        R = np.array([[np.cos(k * w), np.sin(k * w)], [-np.sin(k * w), np.cos(k * w)]])
+        R = np.array([[np.cos(k * w), -np.sin(k * w)], [np.sin(k * w), np.cos(k * w)]])
         pairs = P[:, 2 * i:2 * i + 2]  # (T, 2) = (sin, cos)
         np.testing.assert_allclose(pairs[:-k] @ R, pairs[k:], atol=1e-12)
     with pytest.raises(ValueError, match="even dimension"):
