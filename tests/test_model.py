@@ -179,3 +179,11 @@ def test_training_step_identical_on_numpy_and_cupy_double(fake_cuda):
         # (summation order differs: reduceat on NumPy, add.at on CuPy -> rounding-level gaps)
         np.testing.assert_allclose(states[1][name], states[0][name], rtol=1e-10, atol=1e-13)
     assert isinstance(to_numpy(states[1]["tok_emb.weight"]), np.ndarray)
+
+
+def test_repr_shows_the_tree():
+    text = repr(GPT(GPTConfig(**SMALL)))
+    assert text.startswith("GPT(")
+    assert "(blocks.1): Block(" in text
+    assert "(qkv): Linear(in=12, out=36, bias=True)" in text
+    assert "(tok_emb): Embedding(num=17, dim=12)" in text

@@ -74,6 +74,9 @@ class Dropout(Module):
         self.reseed(seed)
         self._mask = None
 
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
     def reseed(self, seed) -> None:
         self.rng = np.random.default_rng(seed)
 

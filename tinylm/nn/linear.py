@@ -30,6 +30,9 @@ class Linear(Module):
             self.add_param("bias", np.zeros(out_features))
         self._x = None
 
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, bias={'bias' in self.params}"
+
     def forward(self, x):
         # x (..., in) -> y (..., out)
         if x.shape[-1] != self.in_features:
@@ -71,6 +74,9 @@ class Embedding(Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.add_param("weight", rng.standard_normal((num_embeddings, embedding_dim)) * init_std)
         self._ids = None
+
+    def extra_repr(self) -> str:
+        return f"num={self.num_embeddings}, dim={self.embedding_dim}"
 
     def forward(self, ids):
         # ids (...) integers -> (..., dim)

@@ -85,6 +85,23 @@ class Module:
         """Evaluation mode (dropout off)."""
         return self.train(False)
 
+    # -- printing ---------------------------------------------------------
+
+    def extra_repr(self) -> str:
+        """The layer's own settings, shown inside `Name(...)` (subclasses override)."""
+        return ""
+
+    def __repr__(self) -> str:
+        """PyTorch-style tree: `Linear(in=8, out=32, bias=True)`, sub-layers indented."""
+        children = list(self.children())
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}({self.extra_repr()}"]
+        for name, child in children:
+            body = repr(child).replace("\n", "\n  ")
+            lines.append(f"  ({name}): {body}")
+        return "\n".join(lines) + "\n)"
+
     # -- the interface every layer implements -----------------------------
 
     def forward(self, *inputs):

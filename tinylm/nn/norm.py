@@ -27,6 +27,9 @@ class LayerNorm(Module):
             self.add_param("bias", np.zeros(dim))
         self._cache = None
 
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}, bias={'bias' in self.params}"
+
     def forward(self, x):
         # x (..., C)
         if x.shape[-1] != self.dim:
