@@ -88,9 +88,16 @@ def get_xp(device: str = "cpu"):
     return cp
 
 
+def _maybe_cupy_array(array) -> bool:
+    """A CuPy array made before tinylm loaded CuPy: load it now so it is recognised."""
+    if _cupy_state == "unknown" and type(array).__module__.startswith("cupy"):
+        _load_cupy()
+    return _cupy is not None and isinstance(array, _cupy.ndarray)
+
+
 def xp_of(array):
     """The array module that owns `array` (cupy for GPU arrays, else numpy)."""
-    if _cupy is not None and isinstance(array, _cupy.ndarray):
+    if _maybe_cupy_array(array):
         return _cupy
     return np
 
@@ -102,7 +109,7 @@ def device_of(array) -> str:
 
 def to_numpy(array) -> np.ndarray:
     """A NumPy array with the same values (copied off the GPU when needed)."""
-    if _cupy is not None and isinstance(array, _cupy.ndarray):
+    if _maybe_cupy_array(array):
         return _cupy.asnumpy(array)
     return np.asarray(array)
 
@@ -143,12 +150,6 @@ def host_rng(seed) -> np.random.Generator:
     """A NumPy generator: random numbers are drawn on the host and then moved to
     the device, so a seed gives the same weights and dropout masks on CPU and GPU."""
     return np.random.default_rng(seed)
-
-
-def randn(rng: np.random.Generator, shape, xp, dtype, std: float = 1.0):
-    """normal(0, std) of `shape` drawn from `rng` (float64 on the host), then cast and moved."""
-    sample = rng.standard_normal(shape) * std
-    return to_device(sample.astype(dtype), xp)
 
 
 def rand(rng: np.random.Generator, shape, xp, dtype=np.float32):

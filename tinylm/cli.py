@@ -2,13 +2,15 @@
 
 Each subcommand lives in its own module with two functions:
 `configure(parser)` adds its options and `run(args) -> int` does the work.
-Bad arguments give a one-line error (exit code 2), never a traceback.
+Bad arguments give a one-line error (exit code 2), never a traceback
+(set TINYLM_DEBUG=1 to see the traceback behind such an error).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # name -> (module, one-line help). Modules are imported only when used, so
@@ -47,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args._run(args) or 0)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
         # A user error (bad value, missing file, no GPU): one line, not a traceback.
+        # TINYLM_DEBUG=1 re-raises, for when the "user error" is really a bug.
+        if os.environ.get("TINYLM_DEBUG"):
+            raise
         print(f"tinylm {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -12,7 +12,7 @@ elements plus a few random unit directions u, comparing the directional
 derivative (L(x + eps u) - L(x - eps u)) / (2 eps) with <grad, u>.
 The report gives, per tensor, the largest relative error and where it is.
 
-`tinylm gradcheck` runs the whole suite (every layer and two models) and
+`tinylm gradcheck` runs the whole suite (every layer and three GPT variants) and
 exits with status 1 if anything fails.
 """
 

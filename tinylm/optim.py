@@ -23,7 +23,8 @@ class AdamW:
     (the Linear weights and the embedding tables), not to biases or LayerNorm
     weights, as in nanoGPT and GPT-2 practice. Decaying a norm's gain towards
     zero fights the normalisation, and biases are too few to overfit with.
-    To reproduce this in PyTorch use two parameter groups (see tests/test_reference.py).
+    To reproduce this in PyTorch use two parameter groups, as `adamw_param_groups`
+    in benchmarks/torch_gpt.py does for the reference fixture (scripts/make_reference.py).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
@@ -113,8 +114,8 @@ def clip_grad_norm(params, max_norm: float) -> float:
     total = 0.0
     for g in grads:
         flat = g.reshape(-1)
-        total += float(xp_of(g).dot(flat, flat))  # sum of squares, one BLAS call
-    norm = math.sqrt(total)
+        total = total + xp_of(g).dot(flat, flat)  # sum of squares, one BLAS call each
+    norm = math.sqrt(float(total))  # one device -> host transfer per step, not one per tensor
     scale = max_norm / (norm + 1e-6)
     if scale < 1.0:
         for g in grads:
