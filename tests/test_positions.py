@@ -37,4 +37,4 @@ def test_attention_weights_are_causal_distributions():
     assert np.all(np.triu(att[0, 0], k=1) == 0)
     attn.backward(np.ones((1, 5, 8)))
     with pytest.raises(RuntimeError, match="call forward first"):
-        attn.attention_weights
+        _ = attn.attention_weights

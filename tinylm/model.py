@@ -26,6 +26,10 @@ from tinylm.nn.linear import Embedding, Linear, check_ids
 from tinylm.nn.module import Module
 from tinylm.nn.norm import LayerNorm
 
+# The attributes in which tinylm's layers keep their backward caches: Linear
+# `_x`, Embedding `_ids`, LayerNorm/GELU/attention `_cache`, Dropout `_mask`, GPT `_h`.
+_BACKWARD_CACHES = ("_x", "_ids", "_cache", "_mask", "_h")
+
 
 @dataclass(frozen=True)
 class GPTConfig:
@@ -104,6 +108,9 @@ class GPT(Module):
         self.seed_dropout(seed)
         self._h = None
 
+    def extra_repr(self) -> str:
+        return f"{self.num_parameters():,} parameters, dtype={self.dtype.name}"
+
     # -- initialisation ---------------------------------------------------
 
     def init_weights(self, seed: int) -> None:
@@ -177,6 +184,69 @@ class GPT(Module):
         # position's row collects the gradient of every sequence in the batch.
         self.pos_emb.backward(dx.sum(axis=0))  # (T, C)
         self.tok_emb.backward(dx)  # the lookup's share of the (tied) matrix gradient
+
+    # -- inference with a KV cache ---------------------------------------------
+
+    def forward_cached(self, idx, cache, *, all_logits: bool = False):
+        """Inference: idx (B, t) are the tokens at positions cache.pos..cache.pos+t-1
+        of sequences whose earlier tokens are in `cache` (a tinylm.nn.kv_cache.KVCache,
+        filled by earlier calls) -> logits of the last position (B, V), or of
+        every new position (B, t, V) with all_logits=True. Advances cache.pos by t.
+
+        Gives the same logits as `forward` on the whole sequence (the rows for
+        these positions) while computing only the new positions: each layer
+        appends their keys/values to its cache and attends over all of them.
+        Eval mode only (no dropout) and keeps nothing for backward.
+        """
+        if self.training:
+            raise RuntimeError("forward_cached is for inference: call model.eval() first "
+                               "(tinylm.generate does this for you)")
+        xp = self.xp
+        if xp_of(idx) is not xp:  # lists, or ids on the other device
+            idx = to_device(to_numpy(idx), xp)
+        if idx.ndim != 2:
+            raise ValueError(f"idx must be a (B, t) array of token ids, got shape {idx.shape}")
+        B, t = idx.shape
+        pos = cache.pos
+        if cache.batch_size != B:
+            raise ValueError(f"the KV cache holds {cache.batch_size} sequences, idx has {B}")
+        if pos + t > self.config.context_length:
+            raise ValueError(
+                f"the KV cache holds {pos} positions and {t} more would exceed context_length "
+                f"{self.config.context_length}; reset it and prefill the last context_length "
+                "tokens (tinylm.generate does this)"
+            )
+        check_ids(idx, self.config.vocab_size, "GPT.forward_cached")
+        x = self.tok_emb.forward(idx)  # (B, t, C)
+        x += self.pos_emb.forward(xp.arange(pos, pos + t))  # (t, C): positions go on from the cache
+        for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v, strict=True):
+            x = block.forward_cached(x, k_cache, v_cache, pos)  # (B, t, C)
+        cache.pos = pos + t
+        if not all_logits:
+            # sampling needs only the last position: skip t-1 rows of the
+            # (C x V) head matmul, the biggest one in a prefill
+            x = x[:, -1:]  # (B, 1, C)
+        h = self.ln_f.forward(x)  # (B, t', C), LayerNorm is per position
+        if self.config.tie_weights:
+            W = self.tok_emb.params["weight"]  # (V, C)
+            logits = (h.reshape(B * h.shape[1], -1) @ W.T).reshape(B, h.shape[1], -1)  # (B, t', V)
+        else:
+            logits = self.head.forward(h)  # (B, t', V)
+        self.clear_backward_caches()
+        return logits if all_logits else logits[:, -1]  # (B, t, V) or (B, V)
+
+    def clear_backward_caches(self) -> None:
+        """Drop what the last forward kept for backward, in every layer.
+
+        Inference calls this so that a prefill does not pin a full set of
+        activations (O(n_layers * B * T * C)) until the next training step; a
+        `backward` after it raises the usual "without a matching forward" error
+        instead of using activations of some other input.
+        """
+        for module in self.modules():
+            for name in _BACKWARD_CACHES:
+                if name in vars(module):
+                    setattr(module, name, None)
 
     # -- state --------------------------------------------------------------
 

@@ -46,6 +46,18 @@ class CausalSelfAttention(Module):
         self._masks = {}  # T -> (T, T) additive mask (0 or -inf), built once per length
         self._cache = None
 
+    @property
+    def attention_weights(self):
+        """The softmax weights (B, H, T, T) of the last `forward`, for plots.
+
+        Row t of head h says how much query position t took from each key
+        position; the upper triangle is exactly 0 (the causal mask). Available
+        until the matching `backward` frees the cache.
+        """
+        if self._cache is None:
+            raise RuntimeError("no attention weights: call forward first (backward frees them)")
+        return self._cache[3]
+
     def causal_mask(self, T: int, xp, dtype):
         """(T, T) additive mask: 0 where key position <= query position, -inf above."""
         key = (T, xp.__name__, str(dtype))
@@ -109,3 +121,43 @@ class CausalSelfAttention(Module):
         # back through the head split: (B, H, T, hs) x3 -> (B, T, 3, H, hs) -> (B, T, 3C)
         dqkv = xp.stack([dq, dk, dv], axis=2).transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * C)
         return self.qkv.backward(dqkv)  # (B, T, C)
+
+    # -- inference with a KV cache (tinylm/nn/kv_cache.py) -------------------
+
+    def forward_cached(self, x, k_cache, v_cache, pos: int):
+        """Inference only: x (B, t, C) holds positions pos..pos+t-1; the keys and
+        values of positions 0..pos-1 are already in k_cache, v_cache (B, H, L, hs).
+
+        Writes this chunk's k, v into the caches at [pos:pos+t] and attends over
+        keys [0:pos+t]: query i (position pos+i) sees keys j <= pos+i, the causal
+        mask of `forward` shifted right by pos. t = 1 is one decoding step, a
+        larger t at pos = 0 the prefill of a prompt. Same math as `forward`, so
+        the outputs equal its rows pos..pos+t-1. Keeps no backward cache and
+        applies no dropout (the caller is in eval mode, where dropout is the identity).
+        """
+        xp = xp_of(x)
+        B, t, C = x.shape
+        H, hs = self.n_heads, self.head_size
+        n = pos + t  # keys visible to the last query
+        qkv = self.qkv.forward(x).reshape(B, t, 3, H, hs)  # (B, t, 3, H, hs)
+        q = xp.ascontiguousarray(qkv[:, :, 0].transpose(0, 2, 1, 3))  # (B, H, t, hs)
+        k_cache[:, :, pos:n] = qkv[:, :, 1].transpose(0, 2, 1, 3)  # (B, H, t, hs), in place
+        v_cache[:, :, pos:n] = qkv[:, :, 2].transpose(0, 2, 1, 3)  # (B, H, t, hs), in place
+        k = k_cache[:, :, :n]  # (B, H, n, hs) view: every key so far
+        v = v_cache[:, :, :n]  # (B, H, n, hs) view
+
+        att = q @ k.swapaxes(-1, -2)  # (B, H, t, n) scores
+        att *= 1.0 / math.sqrt(hs)
+        if t > 1:
+            # query i is position pos+i: keys j > pos+i are its future. (A single
+            # query, t = 1, is the newest position and may see every key.) Built
+            # per call, not memoised like causal_mask: prefill lengths vary.
+            future = xp.triu(xp.ones((t, n), dtype=bool), k=pos + 1)  # (t, n) True where j > pos+i
+            att += xp.where(future, -xp.inf, 0.0).astype(att.dtype)
+        att -= att.max(axis=-1, keepdims=True)  # softmax over the keys, as in forward
+        xp.exp(att, out=att)
+        att /= att.sum(axis=-1, keepdims=True)  # (B, H, t, n)
+
+        y = att @ v  # (B, H, t, hs)
+        y = y.transpose(0, 2, 1, 3).reshape(B, t, C)  # heads side by side again
+        return self.proj.forward(y)  # (B, t, C)

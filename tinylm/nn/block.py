@@ -66,3 +66,10 @@ class Block(Module):
         # (1) backward, the same shape of computation
         dx = dx + self.ln1.backward(self.attn.backward(dx))
         return dx
+
+    def forward_cached(self, x, k_cache, v_cache, pos: int):
+        """Inference with this block's KV cache (see CausalSelfAttention.forward_cached):
+        x (B, t, C) at positions pos..pos+t-1 -> (B, t, C). Eval mode only."""
+        x = x + self.attn.forward_cached(self.ln1.forward(x), k_cache, v_cache, pos)  # (1)
+        x = x + self.mlp.forward(self.ln2.forward(x))  # (2): per position, needs no cache
+        return x
