@@ -591,3 +591,13 @@ def test_cli_with_a_hugging_face_gpt2(capsys):
     code, out, err = run_cli(capsys, "--hf-gpt2", fixture, "--prompt", "Hello", "--beam-width",
                              "3", "--max-new-tokens", "12")
     assert code == 0 and out.startswith("Hello") and "beam search, width 3" in err
+
+
+def test_cli_accepts_a_run_directory(fake_checkpoint, capsys, tmp_path):
+    """`tinylm generate --checkpoint RUN_DIR` uses RUN_DIR/best (else RUN_DIR/last)."""
+    for name in ("best", "last"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
+    code, _, _ = run_cli(capsys, "--checkpoint", str(tmp_path), "--prompt", "to",
+                         "--max-new-tokens", "3")
+    assert code == 0 and fake_checkpoint[-1][0] == str(tmp_path / "best")

@@ -29,8 +29,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.epilog = __doc__.split("\n", 1)[1]
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="DIR",
-                        help="a tinylm checkpoint directory (what `tinylm train --out DIR` "
-                             "writes: model, config and tokenizer)")
+                        help="a tinylm checkpoint directory, or a run directory of `tinylm "
+                             "train` (then its best/ checkpoint, else last/)")
     source.add_argument("--hf-gpt2", metavar="DIR",
                         help="a Hugging Face GPT-2 directory instead: config.json, "
                              "model.safetensors, vocab.json and merges.txt (nothing is downloaded)")
@@ -236,6 +236,19 @@ def _check_args(args) -> None:
         raise ValueError("--length-penalty only applies to beam search (--beam-width > 1)")
 
 
+def _checkpoint_in(path: str) -> str:
+    """A checkpoint directory, or a run directory of `tinylm train`: then its best/
+    checkpoint (lowest validation loss), else its last/ one."""
+    from pathlib import Path
+
+    if (Path(path) / "config.json").is_file():
+        return path
+    for name in ("best", "last"):
+        if (Path(path) / name / "config.json").is_file():
+            return str(Path(path) / name)
+    return path  # not a run directory: load() names what is missing
+
+
 def _load(args, device):
     """(model, tokenizer) from --checkpoint or --hf-gpt2, on `device`."""
     if args.hf_gpt2 is not None:
@@ -254,7 +267,7 @@ def _load(args, device):
     except ImportError as exc:
         raise RuntimeError(f"--checkpoint needs tinylm.checkpoint.load, which this "
                            f"installation lacks ({exc})") from None
-    ckpt = load(args.checkpoint, device=device)
+    ckpt = load(_checkpoint_in(args.checkpoint), device=device)
     if ckpt.tokenizer is None:
         raise FileNotFoundError(f"{args.checkpoint}: the checkpoint has no tokenizer, so the "
                                 "prompt cannot be encoded")

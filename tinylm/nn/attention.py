@@ -43,7 +43,7 @@ class CausalSelfAttention(Module):
         self.proj = Linear(d_model, d_model, bias=bias, init_std=proj_init_std, rng=rng, **kw)
         self.attn_drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
         self.resid_drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
-        self._masks = {}  # T -> (T, T) additive mask (0 or -inf), built once per length
+        self._masks = {}  # (T, backend, dtype) -> (T, T) additive mask (0 or -inf)
         self._cache = None
 
     @property
@@ -103,9 +103,9 @@ class CausalSelfAttention(Module):
         dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
 
         # y = att_d @ v  =>  datt_d = dy v^T,  dv = att_d^T dy
-        datt = dy @ v.swapaxes(-1, -2)  # (B, H, T, T)
-        dv = att_d.swapaxes(-1, -2) @ dy  # (B, H, T, hs)
-        datt = self.attn_drop.backward(datt)
+        datt_d = dy @ _transposed(v)  # (B, H, T, T)
+        dv = _transposed(att_d) @ dy  # (B, H, T, hs)
+        datt = self.attn_drop.backward(datt_d)  # (B, H, T, T), gradient of att
 
         # softmax backward: dscore = att * (datt - sum_j datt_j att_j)
         # (masked entries have att = 0, so they get no gradient: nothing from the future)
@@ -115,8 +115,8 @@ class CausalSelfAttention(Module):
         dscore *= 1.0 / math.sqrt(hs)
 
         # scores = q @ k^T  =>  dq = dscore k,  dk^T = q^T dscore
-        dq = dscore @ kT.swapaxes(-1, -2)  # (B, H, T, hs)
-        dk = dscore.swapaxes(-1, -2) @ q  # (B, H, T, hs)
+        dq = dscore @ _transposed(kT)  # (B, H, T, hs)
+        dk = _transposed(dscore) @ q  # (B, H, T, hs)
 
         # back through the head split: (B, H, T, hs) x3 -> (B, T, 3, H, hs) -> (B, T, 3C)
         dqkv = xp.stack([dq, dk, dv], axis=2).transpose(0, 3, 2, 1, 4).reshape(B, T, 3 * C)
@@ -161,3 +161,13 @@ class CausalSelfAttention(Module):
         y = att @ v  # (B, H, t, hs)
         y = y.transpose(0, 2, 1, 3).reshape(B, t, C)  # heads side by side again
         return self.proj.forward(y)  # (B, t, C)
+
+
+def _transposed(a):
+    """a with its last two axes swapped, as a contiguous copy (..., n, m) -> (..., m, n).
+
+    Same values as `a.swapaxes(-1, -2)`; the copy is for speed only: batched
+    matmuls on transposed views run several times slower with multi-threaded
+    OpenBLAS on this project's 2-core machine (see PERF_NOTES), and the copy is
+    cheap next to the matmul it feeds."""
+    return xp_of(a).ascontiguousarray(a.swapaxes(-1, -2))
