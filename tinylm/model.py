@@ -139,17 +139,13 @@ class GPT(Module):
     def forward(self, idx):
         """idx (B, T) integer token ids -> logits (B, T, V)."""
         xp = self.xp
-        if xp_of(idx) is not xp:  # lists, or ids on the other device
-            idx = to_device(to_numpy(idx), xp)
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be a (B, T) array of token ids, got shape {idx.shape}")
+        idx = self._token_ids(idx, "GPT.forward")
         B, T = idx.shape
         if T > self.config.context_length:
             raise ValueError(
                 f"sequence length {T} exceeds context_length {self.config.context_length}; "
                 "crop the input to the last context_length tokens"
             )
-        check_ids(idx, self.config.vocab_size, "GPT.forward")
         x = self.tok_emb.forward(idx)  # (B, T, C)
         x += self.pos_emb.forward(xp.arange(T))  # (T, C), broadcast over the batch
         x = self.drop.forward(x)
@@ -161,6 +157,16 @@ class GPT(Module):
             W = self.tok_emb.params["weight"]  # (V, C)
             return (h.reshape(B * T, -1) @ W.T).reshape(B, T, -1)  # (B, T, V)
         return self.head.forward(h)  # (B, T, V)
+
+    def _token_ids(self, idx, who: str):
+        """idx as a (B, T) integer array on the model's device, ids checked against V."""
+        if xp_of(idx) is not self.xp:  # lists, or ids on the other device
+            idx = to_device(to_numpy(idx), self.xp)
+        if idx.ndim != 2:
+            raise ValueError(f"{who}: idx must be a (B, T) array of token ids, "
+                             f"got shape {idx.shape}")
+        check_ids(idx, self.config.vocab_size, who)
+        return idx
 
     def backward(self, dlogits) -> None:
         """dlogits (B, T, V) -> fills every parameter's grad (accumulating)."""
@@ -202,10 +208,7 @@ class GPT(Module):
             raise RuntimeError("forward_cached is for inference: call model.eval() first "
                                "(tinylm.generate does this for you)")
         xp = self.xp
-        if xp_of(idx) is not xp:  # lists, or ids on the other device
-            idx = to_device(to_numpy(idx), xp)
-        if idx.ndim != 2:
-            raise ValueError(f"idx must be a (B, t) array of token ids, got shape {idx.shape}")
+        idx = self._token_ids(idx, "GPT.forward_cached")
         B, t = idx.shape
         pos = cache.pos
         if cache.batch_size != B:
@@ -216,7 +219,6 @@ class GPT(Module):
                 f"{self.config.context_length}; reset it and prefill the last context_length "
                 "tokens (tinylm.generate does this)"
             )
-        check_ids(idx, self.config.vocab_size, "GPT.forward_cached")
         x = self.tok_emb.forward(idx)  # (B, t, C)
         x += self.pos_emb.forward(xp.arange(pos, pos + t))  # (t, C): positions go on from the cache
         for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v, strict=True):
