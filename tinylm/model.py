@@ -90,15 +90,12 @@ class GPT(Module):
         self.config = cfg = config
         self.seed = seed
         kw = dict(device=device, dtype=dtype)
-        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layers): each block
-        # adds two branches to the residual stream, and this keeps its variance flat.
-        proj_std = 0.02 / math.sqrt(2 * cfg.n_layers)
+        # the layers' own initial values are all replaced by init_weights below
         self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, **kw)
         self.pos_emb = Embedding(cfg.context_length, cfg.d_model, **kw)
         self.drop = Dropout(cfg.dropout, **kw)
         self.blocks = [
-            Block(cfg.d_model, cfg.n_heads, bias=cfg.bias, dropout=cfg.dropout,
-                  proj_init_std=proj_std, **kw)
+            Block(cfg.d_model, cfg.n_heads, bias=cfg.bias, dropout=cfg.dropout, **kw)
             for _ in range(cfg.n_layers)
         ]
         self.ln_f = LayerNorm(cfg.d_model, bias=cfg.bias, **kw)
@@ -119,6 +116,8 @@ class GPT(Module):
         weights ~ normal(0, 0.02), residual projections ~ normal(0, 0.02/sqrt(2L)),
         biases 0, LayerNorm weight 1 and bias 0."""
         rng = host_rng(seed)
+        # GPT-2 scales the residual projections by 1/sqrt(2 * n_layers): each block
+        # adds two branches to the residual stream, and this keeps its variance flat.
         std_proj = 0.02 / math.sqrt(2 * self.config.n_layers)
         for name, p, _ in self.parameters():
             if ".ln" in name or name.startswith("ln_"):
