@@ -12,8 +12,9 @@ elements plus a few random unit directions u, comparing the directional
 derivative (L(x + eps u) - L(x - eps u)) / (2 eps) with <grad, u>.
 The report gives, per tensor, the largest relative error and where it is.
 
-`tinylm gradcheck` runs the whole suite (every layer and three GPT variants) and
-exits with status 1 if anything fails.
+`tinylm gradcheck` runs the whole suite (every layer, the GPT-2 model and the
+modern variants: RoPE, RMSNorm, SwiGLU, GQA, sliding windows, MoE) and exits
+with status 1 if anything fails.
 """
 
 from __future__ import annotations
@@ -128,6 +129,9 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
     `parameters()`), including losses whose forward returns a float. Dropout
     inside the layer is held fixed by restarting its mask stream before every
     forward. Everything should be float64.
+
+    A layer with an `aux_loss` (MoE) adds that scalar to the objective, and its
+    backward adds its gradient: then L = sum(y * G) + aux_loss.
     """
     rng = np.random.default_rng(seed)
     has_dropout = hasattr(layer, "modules")
@@ -146,7 +150,8 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
 
     def f() -> float:
         y = forward()
-        return float(y) * G if scalar_out else float((y * G).sum())
+        aux = getattr(layer, "aux_loss", 0.0)
+        return (float(y) * G if scalar_out else float((y * G).sum())) + aux
 
     f_scale = abs(float(out) * G) if scalar_out else float(abs(out * G).sum())
 
@@ -170,12 +175,14 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
 
 def check_model(model, idx, targets, loss_fn, *, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL,
                 **compare_kw) -> list[GradcheckResult]:
-    """Gradient-check a whole GPT: L = loss_fn(model(idx), targets), every parameter."""
+    """Gradient-check a whole GPT: L = loss_fn(model(idx), targets) + model.aux_loss
+    (the MoE load-balancing loss, 0 without experts), every parameter."""
     rng = np.random.default_rng(seed)
 
     def f() -> float:
         model.seed_dropout(seed)
-        return loss_fn.forward(model.forward(idx), targets)
+        loss = loss_fn.forward(model.forward(idx), targets)
+        return loss + model.aux_loss
 
     model.zero_grad()
     f_scale = abs(f())
@@ -211,7 +218,13 @@ def suite_cases(device: str = "cpu"):
         Embedding,
         LayerNorm,
         Linear,
+        MoE,
+        ReLU,
+        RMSNorm,
+        RotaryEmbedding,
+        SiLU,
         SoftmaxCrossEntropy,
+        SwiGLU,
     )
 
     xp = get_xp(device)
@@ -228,8 +241,8 @@ def suite_cases(device: str = "cpu"):
         return check_layer(layer, *inputs)
 
     def gpt_case(dropout=0.0, **cfg_kw):
-        cfg = GPTConfig(vocab_size=13, context_length=8, d_model=8, n_layers=2, n_heads=2,
-                        dropout=dropout, **cfg_kw)
+        shape = dict(vocab_size=13, context_length=8, d_model=8, n_layers=2, n_heads=2)
+        cfg = GPTConfig(**{**shape, **cfg_kw}, dropout=dropout)
         model = GPT(cfg, seed=0, **kw)
         randomize_params(model, np.random.default_rng(4), scale=0.2)
         targets = ids((2, 7), 13, seed=6)
@@ -257,6 +270,36 @@ def suite_cases(device: str = "cpu"):
         ("GPT (tied, bias)", lambda: gpt_case()),
         ("GPT (untied, no bias)", lambda: gpt_case(bias=False, tie_weights=False)),
         ("GPT (dropout 0.1, train)", lambda: gpt_case(dropout=0.1)),
+        # -- the modern variants (GPTConfig switches) --
+        ("RMSNorm", lambda: layer_case(RMSNorm(6, **kw), data((2, 3, 6)))),
+        ("ReLU", lambda: layer_case(ReLU(**kw), data((3, 7)))),
+        ("SiLU", lambda: layer_case(SiLU(**kw), data((3, 7), scale=2.0))),
+        ("SwiGLU", lambda: layer_case(SwiGLU(6, 10, **kw), data((2, 3, 6)))),
+        ("RotaryEmbedding", lambda: layer_case(RotaryEmbedding(6, 8, **kw), data((2, 2, 5, 6)))),
+        ("CausalSelfAttention(GQA, RoPE)",
+         lambda: layer_case(CausalSelfAttention(8, 4, n_kv_heads=2, rope_theta=100.0,
+                                                max_positions=8, **kw), data((2, 5, 8)))),
+        ("CausalSelfAttention(MQA, window 2, dropout)",
+         lambda: layer_case(CausalSelfAttention(8, 2, n_kv_heads=1, sliding_window=2,
+                                                dropout=0.2, **kw), data((2, 5, 8)))),
+        ("MoE(4 experts, top-2, aux loss)",
+         lambda: layer_case(MoE(6, 4, 2, aux_loss_coef=0.5, **kw), data((2, 5, 6)))),
+        ("MoE(3 SwiGLU experts, top-1)",
+         lambda: layer_case(MoE(6, 3, 1, kind="swiglu", hidden=8, aux_loss_coef=0.5, **kw),
+                            data((2, 4, 6)))),
+        ("Block(post-norm, RMSNorm, ReLU)",
+         lambda: layer_case(Block(8, 2, norm="rmsnorm", norm_placement="post", mlp="relu",
+                                  **kw), data((2, 4, 8)))),
+        ("GPT (Llama: RoPE, RMSNorm, SwiGLU, GQA)",
+         lambda: gpt_case(pos="rope", norm="rmsnorm", mlp="swiglu", n_heads=4, n_kv_heads=2,
+                          bias=False, tie_weights=False)),
+        ("GPT (sinusoidal, post-norm, ReLU)",
+         lambda: gpt_case(pos="sinusoidal", norm_placement="post", mlp="relu")),
+        ("GPT (no positions, MQA, sliding window 3)",
+         lambda: gpt_case(pos="none", n_kv_heads=1, sliding_window=3)),
+        ("GPT (MoE: 4 SwiGLU experts, top-2, RoPE)",
+         lambda: gpt_case(pos="rope", norm="rmsnorm", mlp="swiglu", n_experts=4,
+                          experts_per_token=2, moe_aux_loss_coef=0.1, bias=False)),
     ]
 
 
@@ -298,7 +341,7 @@ def run(args) -> int:
     get_xp(device)  # fail now, with the install hint, if CUDA is not usable
     print(f"tinylm gradcheck: float64 central differences (eps={DEFAULT_EPS:g}, "
           f"tol={DEFAULT_TOL:g}) on {device}")
-    header = f"{'case':<40} {'tensor':<28} {'checked':>7} {'max rel err':>12}  status"
+    header = f"{'case':<44} {'tensor':<32} {'checked':>7} {'max rel err':>12}  status"
     print(header)
     print("-" * len(header))
     n_failed = n_cases = 0
@@ -324,4 +367,4 @@ def run(args) -> int:
 
 def _row(label: str, tensor: str, checked: int, r: GradcheckResult) -> str:
     status = "ok" if r.passed else f"FAIL (worst at {r.worst})"
-    return f"{label:<40} {tensor:<28} {checked:>7} {r.max_rel_error:>12.2e}  {status}"
+    return f"{label:<44} {tensor:<32} {checked:>7} {r.max_rel_error:>12.2e}  {status}"

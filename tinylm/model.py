@@ -1,4 +1,4 @@
-"""The GPT model (Radford et al. 2019, GPT-2), forward and backward.
+"""The GPT model (Radford et al. 2019, GPT-2), forward and backward, and its modern variants.
 
     idx (B, T) token ids
     x = tok_emb[idx] + pos_emb[0..T-1]          (B, T, C)   then dropout
@@ -9,6 +9,14 @@
 The tied head reuses the embedding matrix, so that matrix has two uses and
 its gradient is the sum of both: the scatter-add from the lookup and the
 matmul from the head (Press & Wolf 2017).
+
+GPTConfig's variant switches (all defaults are GPT-2) change the pieces, not
+the flow: `pos` replaces the learned table (sinusoidal, RoPE inside attention,
+or nothing), `norm`/`norm_placement`/`mlp` change each block, `n_kv_heads` and
+`sliding_window` change attention, `n_experts` turns each MLP into a mixture
+of experts whose load-balancing loss is `GPT.aux_loss`. A Llama is
+`GPTConfig(..., pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=..., bias=False,
+tie_weights=False)`.
 """
 
 from __future__ import annotations
@@ -24,11 +32,18 @@ from tinylm.nn.activation import Dropout, seed_dropout
 from tinylm.nn.block import Block
 from tinylm.nn.linear import Embedding, Linear, check_ids
 from tinylm.nn.module import Module
-from tinylm.nn.norm import LayerNorm
+from tinylm.nn.norm import make_norm
+from tinylm.nn.positions import sinusoidal_positions
 
 # The attributes in which tinylm's layers keep their backward caches: Linear
 # `_x`, Embedding `_ids`, LayerNorm/GELU/attention `_cache`, Dropout `_mask`, GPT `_h`.
 _BACKWARD_CACHES = ("_x", "_ids", "_cache", "_mask", "_h")
+
+
+POS_KINDS = ("learned", "sinusoidal", "rope", "none")
+NORM_KINDS = ("layernorm", "rmsnorm")
+NORM_PLACEMENTS = ("pre", "post")
+MLP_KINDS = ("gelu", "relu", "swiglu")
 
 
 @dataclass(frozen=True)
@@ -43,14 +58,23 @@ class GPTConfig:
     dropout: float = 0.0  # on embeddings, attention weights and residual branches (train only)
     bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True)
     tie_weights: bool = True  # output head shares the token-embedding matrix (GPT-2: True)
+    # -- variants (tinylm/nn/positions.py, norm.py, mlp.py, attention.py, moe.py) --
+    pos: str = "learned"  # positions: "learned" table, "sinusoidal", "rope" or "none"
+    rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2 pi theta positions
+    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Llama; no bias)
+    norm_eps: float = 1e-5  # epsilon of every norm (Llama checkpoints: 1e-5 or 1e-6)
+    norm_placement: str = "pre"  # "pre" (GPT-2) or "post" (the original Transformer)
+    mlp: str = "gelu"  # "gelu", "relu" or "swiglu" (Llama)
+    mlp_hidden: int | None = None  # MLP width; None: 4C, or 8C/3 (to a multiple of 8) for swiglu
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
+    sliding_window: int | None = None  # attend to the last W positions only (Mistral); None: all
+    n_experts: int = 0  # > 0: each MLP is a mixture of this many experts
+    experts_per_token: int = 2  # k: experts each token is routed to (with n_experts > 0)
+    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer)
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-                raise TypeError(f"GPTConfig.{name} must be an int, got {value!r}")
-            if value < 1:
-                raise ValueError(f"GPTConfig.{name} must be >= 1, got {value}")
+            _check_int(name, getattr(self, name), minimum=1)
         if self.d_model % self.n_heads != 0:
             raise ValueError(
                 f"GPTConfig.d_model ({self.d_model}) must be divisible by "
@@ -62,10 +86,55 @@ class GPTConfig:
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
                 raise TypeError(f"GPTConfig.{name} must be True or False, got {value!r}")
+        for name, kinds in (("pos", POS_KINDS), ("norm", NORM_KINDS),
+                            ("norm_placement", NORM_PLACEMENTS), ("mlp", MLP_KINDS)):
+            if getattr(self, name) not in kinds:
+                raise ValueError(f"GPTConfig.{name} must be one of {kinds}, "
+                                 f"got {getattr(self, name)!r}")
+        for name in ("rope_theta", "norm_eps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"GPTConfig.{name} must be a number > 0, got {value!r}")
+        if self.pos == "rope" and self.head_size % 2 != 0:
+            raise ValueError(f"GPTConfig.pos='rope' needs an even head size, but d_model "
+                             f"({self.d_model}) / n_heads ({self.n_heads}) = {self.head_size}")
+        if self.pos == "sinusoidal" and self.d_model % 2 != 0:
+            raise ValueError(f"GPTConfig.pos='sinusoidal' needs an even d_model, "
+                             f"got {self.d_model}")
+        for name in ("mlp_hidden", "n_kv_heads", "sliding_window"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), minimum=1, or_none=True)
+        if self.n_heads % self.kv_heads != 0:
+            raise ValueError(f"GPTConfig.n_heads ({self.n_heads}) must be a multiple of "
+                             f"GPTConfig.n_kv_heads ({self.n_kv_heads})")
+        _check_int("n_experts", self.n_experts, minimum=0)
+        _check_int("experts_per_token", self.experts_per_token, minimum=1)
+        if self.n_experts > 0 and self.experts_per_token > self.n_experts:
+            raise ValueError(f"GPTConfig.experts_per_token ({self.experts_per_token}) must be "
+                             f"<= GPTConfig.n_experts ({self.n_experts})")
+        coef = self.moe_aux_loss_coef
+        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
+            raise ValueError(f"GPTConfig.moe_aux_loss_coef must be a number >= 0, got {coef!r}")
 
     @property
     def head_size(self) -> int:
         return self.d_model // self.n_heads
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads (plain multi-head attention) when None."""
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    def block_kwargs(self) -> dict:
+        """The keyword arguments of `Block` that this config sets."""
+        return dict(
+            bias=self.bias, dropout=self.dropout, norm=self.norm, norm_eps=self.norm_eps,
+            norm_placement=self.norm_placement, mlp=self.mlp, mlp_hidden=self.mlp_hidden,
+            n_experts=self.n_experts, experts_per_token=self.experts_per_token,
+            moe_aux_loss_coef=self.moe_aux_loss_coef, n_kv_heads=self.n_kv_heads,
+            sliding_window=self.sliding_window,
+            rope_theta=self.rope_theta if self.pos == "rope" else None,
+            max_positions=self.context_length)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -80,6 +149,14 @@ class GPTConfig:
         return cls(**d)
 
 
+def _check_int(name: str, value, minimum: int, or_none: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        kind = "an int or None" if or_none else "an int"
+        raise TypeError(f"GPTConfig.{name} must be {kind}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"GPTConfig.{name} must be >= {minimum}, got {value}")
+
+
 class GPT(Module):
     """A GPT-2 style decoder. `GPT(config, seed=0, device="cpu", dtype="float32")`."""
 
@@ -92,13 +169,16 @@ class GPT(Module):
         kw = dict(device=device, dtype=dtype)
         # the layers' own initial values are all replaced by init_weights below
         self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, **kw)
-        self.pos_emb = Embedding(cfg.context_length, cfg.d_model, **kw)
+        if cfg.pos == "learned":
+            self.pos_emb = Embedding(cfg.context_length, cfg.d_model, **kw)
+        elif cfg.pos == "sinusoidal":  # a fixed table: not a parameter, no gradient
+            self.pos_table = sinusoidal_positions(cfg.context_length, cfg.d_model, self.xp,
+                                                  self.dtype)  # (L, C)
+        # pos="rope" rotates q and k inside attention; pos="none" adds nothing
         self.drop = Dropout(cfg.dropout, **kw)
-        self.blocks = [
-            Block(cfg.d_model, cfg.n_heads, bias=cfg.bias, dropout=cfg.dropout, **kw)
-            for _ in range(cfg.n_layers)
-        ]
-        self.ln_f = LayerNorm(cfg.d_model, bias=cfg.bias, **kw)
+        self.blocks = [Block(cfg.d_model, cfg.n_heads, **cfg.block_kwargs(), **kw)
+                       for _ in range(cfg.n_layers)]
+        self.ln_f = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias, **kw)
         if not cfg.tie_weights:
             self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
         self.init_weights(seed)
@@ -125,7 +205,8 @@ class GPT(Module):
             elif name.endswith("bias"):
                 value = np.zeros(p.shape)
             else:
-                std = std_proj if name.endswith("proj.weight") else 0.02
+                residual = name.endswith(("proj.weight", "down.weight")) and "router" not in name
+                std = std_proj if residual else 0.02
                 value = rng.standard_normal(p.shape) * std
             p[...] = to_device(value.astype(p.dtype), self.xp)
 
@@ -137,7 +218,6 @@ class GPT(Module):
 
     def forward(self, idx):
         """idx (B, T) integer token ids -> logits (B, T, V)."""
-        xp = self.xp
         idx = self._token_ids(idx, "GPT.forward")
         B, T = idx.shape
         if T > self.config.context_length:
@@ -146,7 +226,7 @@ class GPT(Module):
                 "crop the input to the last context_length tokens"
             )
         x = self.tok_emb.forward(idx)  # (B, T, C)
-        x += self.pos_emb.forward(xp.arange(T))  # (T, C), broadcast over the batch
+        self._add_positions(x, 0, T)
         x = self.drop.forward(x)
         for block in self.blocks:
             x = block.forward(x)  # (B, T, C)
@@ -156,6 +236,21 @@ class GPT(Module):
             W = self.tok_emb.params["weight"]  # (V, C)
             return (h.reshape(B * T, -1) @ W.T).reshape(B, T, -1)  # (B, T, V)
         return self.head.forward(h)  # (B, T, V)
+
+    def _add_positions(self, x, start: int, T: int) -> None:
+        """x (B, T, C) += the position vectors of positions start..start+T-1 (in place;
+        nothing for RoPE, which acts inside attention, or for pos="none")."""
+        if self.config.pos == "learned":
+            x += self.pos_emb.forward(self.xp.arange(start, start + T))  # (T, C), over the batch
+        elif self.config.pos == "sinusoidal":
+            x += self.pos_table[start:start + T]  # (T, C)
+
+    @property
+    def aux_loss(self) -> float:
+        """The load-balancing loss of the last forward, summed over the MoE blocks (0.0
+        without experts). The training objective is loss + aux_loss; `backward` adds
+        its gradient (scaled by `daux`)."""
+        return sum(block.aux_loss for block in self.blocks)
 
     def _token_ids(self, idx, who: str):
         """idx as a (B, T) integer array on the model's device, ids checked against V."""
@@ -167,8 +262,12 @@ class GPT(Module):
         check_ids(idx, self.config.vocab_size, who)
         return idx
 
-    def backward(self, dlogits) -> None:
-        """dlogits (B, T, V) -> fills every parameter's grad (accumulating)."""
+    def backward(self, dlogits, daux: float = 1.0) -> None:
+        """dlogits (B, T, V) -> fills every parameter's grad (accumulating).
+
+        `daux` is the upstream gradient of `aux_loss` (MoE models only): 1.0 when
+        the objective is loss + aux_loss, 1/k when accumulating k micro-batches,
+        as the loss's own gradient is scaled."""
         h = self._need_cache(self._h)
         self._h = None
         C = self.config.d_model
@@ -183,11 +282,12 @@ class GPT(Module):
             dh = self.head.backward(dlogits)  # (B, T, C)
         dx = self.ln_f.backward(dh)
         for block in reversed(self.blocks):
-            dx = block.backward(dx)
+            dx = block.backward(dx, daux)
         dx = self.drop.backward(dx)
-        # x = tok_emb[idx] + pos_emb[t]: the sum forks dx to both tables; each
-        # position's row collects the gradient of every sequence in the batch.
-        self.pos_emb.backward(dx.sum(axis=0))  # (T, C)
+        if self.config.pos == "learned":
+            # x = tok_emb[idx] + pos_emb[t]: the sum forks dx to both tables; each
+            # position's row collects the gradient of every sequence in the batch.
+            self.pos_emb.backward(dx.sum(axis=0))  # (T, C)
         self.tok_emb.backward(dx)  # the lookup's share of the (tied) matrix gradient
 
     # -- inference with a KV cache ---------------------------------------------
@@ -206,7 +306,6 @@ class GPT(Module):
         if self.training:
             raise RuntimeError("forward_cached is for inference: call model.eval() first "
                                "(tinylm.generate does this for you)")
-        xp = self.xp
         idx = self._token_ids(idx, "GPT.forward_cached")
         B, t = idx.shape
         pos = cache.pos
@@ -219,9 +318,9 @@ class GPT(Module):
                 "tokens (tinylm.generate does this)"
             )
         x = self.tok_emb.forward(idx)  # (B, t, C)
-        x += self.pos_emb.forward(xp.arange(pos, pos + t))  # (t, C): positions go on from the cache
-        for block, k_cache, v_cache in zip(self.blocks, cache.k, cache.v, strict=True):
-            x = block.forward_cached(x, k_cache, v_cache, pos)  # (B, t, C)
+        self._add_positions(x, pos, t)  # positions go on from the cache
+        for layer, block in enumerate(self.blocks):
+            x = block.forward_cached(x, cache, layer)  # (B, t, C)
         cache.pos = pos + t
         if not all_logits:
             # sampling needs only the last position: skip t-1 rows of the

@@ -1,7 +1,8 @@
-"""GELU (the tanh approximation GPT-2 uses) and Dropout."""
+"""GELU (the tanh approximation GPT-2 uses), ReLU, SiLU (SwiGLU's gate) and Dropout."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -54,6 +55,60 @@ class GELU(Module):
         dydx *= 0.5
         dydx *= dout
         return dydx
+
+
+class ReLU(Module):
+    """relu(x) = max(x, 0), the original Transformer's activation. Cache: the mask x > 0."""
+
+    def __init__(self, device="cpu", dtype="float32"):
+        super().__init__(device, dtype)
+        self._cache = None
+
+    def forward(self, x):
+        positive = x > 0  # (same shape as x) bool
+        self._cache = positive
+        return x * positive
+
+    def backward(self, dout):
+        positive = self._need_cache(self._cache)
+        self._cache = None
+        # the derivative is 1 where x > 0 and 0 elsewhere (0 at x = 0 itself, as PyTorch)
+        return dout * positive
+
+
+class SiLU(Module):
+    """silu(x) = x * sigmoid(x) (Elfwing et al. 2017; "swish"), the gate of SwiGLU.
+
+    Cache: x and s = sigmoid(x). The derivative is s + x s (1 - s) = s (1 + x (1 - s)).
+    """
+
+    def __init__(self, device="cpu", dtype="float32"):
+        super().__init__(device, dtype)
+        self._cache = None
+
+    def forward(self, x):
+        xp = xp_of(x)
+        # sigmoid(x) = 1 / (1 + exp(-x)); exp(-x) overflows to inf for very negative
+        # x, which gives s = 0: the right limit, so no special case is needed
+        with _quiet_overflow(xp):
+            s = 1.0 / (1.0 + xp.exp(-x))  # (same shape as x)
+        self._cache = (x, s)
+        return x * s
+
+    def backward(self, dout):
+        x, s = self._need_cache(self._cache)
+        self._cache = None
+        dydx = 1.0 - s
+        dydx *= x
+        dydx += 1.0
+        dydx *= s  # s (1 + x (1 - s))
+        dydx *= dout
+        return dydx
+
+
+def _quiet_overflow(xp):
+    """NumPy warns when exp overflows to inf; here inf is the intended value."""
+    return np.errstate(over="ignore") if xp is np else contextlib.nullcontext()
 
 
 class Dropout(Module):

@@ -66,3 +66,59 @@ class LayerNorm(Module):
         dx -= xhat * mean_dxhat_xhat
         dx *= rstd
         return dx
+
+
+class RMSNorm(Module):
+    """y = x / rms(x) * weight,  rms(x) = sqrt(mean(x^2) + eps), over the last dimension.
+
+    Zhang & Sennrich (2019), used by Llama, Mistral and DeepSeek: LayerNorm
+    without the centring and without a bias. It is cheaper (one reduction, not
+    two) and works as well in practice. Cache: xhat = x / rms(x) and
+    rrms = 1/rms(x), as LayerNorm keeps xhat and rstd.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-5, *, device="cpu", dtype="float32"):
+        super().__init__(device, dtype)
+        self.dim, self.eps = dim, eps
+        self.add_param("weight", np.ones(dim))
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, eps={self.eps}"
+
+    def forward(self, x):
+        # x (..., C)
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"RMSNorm expects last dimension {self.dim}, got shape {x.shape}")
+        xp = xp_of(x)
+        ms = (x * x).mean(axis=-1, keepdims=True)  # (..., 1) mean square
+        rrms = 1.0 / xp.sqrt(ms + self.eps)  # (..., 1)
+        xhat = x * rrms  # (..., C)
+        self._cache = (xhat, rrms)
+        return xhat * self.params["weight"]
+
+    def backward(self, dout):
+        xhat, rrms = self._need_cache(self._cache)
+        self._cache = None
+        lead = tuple(range(dout.ndim - 1))  # every axis but the last
+        # y = xhat * w  =>  dw = sum dy * xhat,  dxhat = dy * w
+        self.grads["weight"] += (dout * xhat).sum(axis=lead)
+        dxhat = dout * self.params["weight"]  # (..., C)
+        # xhat = x * rrms with rrms = (mean(x^2) + eps)^(-1/2). As for LayerNorm,
+        # but with no mean to subtract (derived in docs/backprop.md):
+        #   dx = rrms * (dxhat - xhat * mean(dxhat * xhat))
+        mean_dxhat_xhat = (dxhat * xhat).mean(axis=-1, keepdims=True)  # (..., 1)
+        dx = dxhat
+        dx -= xhat * mean_dxhat_xhat
+        dx *= rrms
+        return dx
+
+
+def make_norm(kind: str, dim: int, *, eps: float = 1e-5, bias: bool = True, device="cpu",
+              dtype="float32") -> Module:
+    """The normalisation layer a config names: "layernorm" or "rmsnorm" (which has no bias)."""
+    if kind == "layernorm":
+        return LayerNorm(dim, eps, bias=bias, device=device, dtype=dtype)
+    if kind == "rmsnorm":
+        return RMSNorm(dim, eps, device=device, dtype=dtype)
+    raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")
