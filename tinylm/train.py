@@ -85,6 +85,19 @@ class TrainConfig:
                                "residual branches)")
     bias: bool = _opt(False, "biases in Linear and LayerNorm layers (nanoGPT's recipes: false)")
     tie_weights: bool = _opt(True, "the output head shares the token-embedding matrix")
+    pos: str = _opt("learned", "positions: learned, sinusoidal, rope or none")
+    rope_theta: float = _opt(10000.0, "RoPE base (with pos=rope)")
+    norm: str = _opt("layernorm", "layernorm or rmsnorm")
+    norm_placement: str = _opt("pre", "pre (GPT-2) or post (the original Transformer)")
+    mlp: str = _opt("gelu", "gelu, relu or swiglu")
+    mlp_hidden: int | None = _opt(None, "MLP width; null: 4 d_model (8/3 d_model for swiglu)")
+    n_kv_heads: int | None = _opt(None, "key/value heads (grouped-query attention; 1: "
+                                        "multi-query); null: n_heads")
+    sliding_window: int | None = _opt(None, "attend to the last this many positions only; "
+                                            "null: the whole context")
+    n_experts: int = _opt(0, "> 0: mixture-of-experts MLPs with this many experts")
+    experts_per_token: int = _opt(2, "experts each token is routed to (with n_experts > 0)")
+    moe_aux_loss_coef: float = _opt(0.01, "weight of the MoE load-balancing loss")
     dtype: str = _opt("float32", "parameter and activation dtype: float32 or float64")
     # -- optimisation --
     batch_size: int = _opt(12, "B: sequences per micro-batch")
@@ -168,7 +181,8 @@ class TrainConfig:
         """The model this run trains, for a tokenizer with `vocab_size` ids."""
         return GPTConfig(vocab_size=vocab_size, context_length=self.context_length,
                          d_model=self.d_model, n_layers=self.n_layers, n_heads=self.n_heads,
-                         dropout=self.dropout, bias=self.bias, tie_weights=self.tie_weights)
+                         dropout=self.dropout, bias=self.bias, tie_weights=self.tie_weights,
+                         **{name: getattr(self, name) for name in MODEL_VARIANT_FIELDS})
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed; unknown names are an error listing valid ones."""
@@ -183,6 +197,12 @@ class TrainConfig:
         """From a dict (a JSON file); unknown keys are an error naming `source`."""
         check_field_names(d, source)
         return cls(**d)
+
+
+# The GPTConfig variant switches a TrainConfig passes through unchanged.
+MODEL_VARIANT_FIELDS = ("pos", "rope_theta", "norm", "norm_placement", "mlp", "mlp_hidden",
+                        "n_kv_heads", "sliding_window", "n_experts", "experts_per_token",
+                        "moe_aux_loss_coef")
 
 
 def field_names() -> list[str]:
@@ -252,12 +272,25 @@ PRESETS: dict[str, TrainConfig] = {
         out_dir="runs/shakespeare-char"),
     # The CPU recipe with a small byte-level BPE (512 ids, trained in about a second).
     "shakespeare-bpe": TrainConfig(tokenizer="bpe", vocab_size=512, out_dir="runs/shakespeare-bpe"),
+    # The CPU recipe as a Llama: RoPE, RMSNorm, SwiGLU, grouped-query attention (2 kv heads
+    # for 4 query heads), no biases, an untied head.
+    "shakespeare-char-llama": TrainConfig(
+        pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_weights=False,
+        out_dir="runs/shakespeare-char-llama"),
+    # The Llama recipe with Mistral's sliding window and a Mixtral-style MoE: 4 SwiGLU
+    # experts of a quarter of the width, 2 per token (about the dense model's compute).
+    "shakespeare-char-moe": TrainConfig(
+        pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_weights=False,
+        sliding_window=32, n_experts=4, experts_per_token=2, mlp_hidden=176,
+        out_dir="runs/shakespeare-char-moe"),
 }
 
 PRESET_HELP = {
     "shakespeare-char-cpu": "char-level, 4x128 model, context 64, 2000 steps: minutes on a CPU",
     "shakespeare-char": "char-level, nanoGPT's 6x384 baby GPT, context 256, 5000 steps: a GPU",
     "shakespeare-bpe": "as shakespeare-char-cpu with a 512-id BPE tokenizer trained on the fly",
+    "shakespeare-char-llama": "as shakespeare-char-cpu, Llama-style: RoPE, RMSNorm, SwiGLU, GQA",
+    "shakespeare-char-moe": "the Llama recipe with a sliding window of 32 and 4 experts, top-2",
 }
 
 
@@ -271,7 +304,7 @@ TRAINER_VERSION = 1
 # Fields a resumed run cannot change: they fix the model's shape or its tokens.
 RESUME_FIXED = ("tokenizer", "vocab_size", "tokenizer_train_chars", "val_fraction",
                 "context_length", "d_model", "n_layers", "n_heads", "dropout", "bias",
-                "tie_weights", "dtype")
+                "tie_weights", "dtype", *MODEL_VARIANT_FIELDS)
 
 
 class TrainingDiverged(RuntimeError):
@@ -435,7 +468,7 @@ class Trainer:
         self.optimizer.lr = lr
         self.model.zero_grad()
         k = cfg.grad_accum_steps
-        loss_sum = 0.0
+        loss_sum = aux_sum = 0.0
         for _ in range(k):
             x, y = self.batches.next()  # (B, T) each, on the host
             logits = self.model.forward(to_device(x, xp))  # (B, T, V)
@@ -444,9 +477,12 @@ class Trainer:
                 raise self._diverged(f"the loss is {loss}", lr)
             # Each micro-batch's loss is a mean over its B*T tokens; scaling its gradient
             # by 1/k makes the accumulated (+=) gradients the mean over all k*B*T tokens:
-            # exactly the gradient of one batch k times larger.
-            self.model.backward(self.loss_fn.backward(1.0 / k))
+            # exactly the gradient of one batch k times larger. A MoE model optimises
+            # loss + aux_loss (load balancing), whose gradient is scaled the same way;
+            # the loss reported is the cross-entropy alone, comparable across variants.
+            self.model.backward(self.loss_fn.backward(1.0 / k), daux=1.0 / k)
             loss_sum += loss
+            aux_sum += self.model.aux_loss
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure, never scale
         norm = clip_grad_norm(self.model.parameters(), max_norm)
         if not math.isfinite(norm):
@@ -458,8 +494,11 @@ class Trainer:
         dt = time.perf_counter() - t0
         self._snapshot = self.trainer_state()
         self._updating = False
-        return {"step": self.step, "loss": loss_sum / k, "lr": lr, "grad_norm": norm,
-                "tokens_per_s": k * cfg.batch_size * cfg.context_length / dt, "dt": dt}
+        record = {"step": self.step, "loss": loss_sum / k, "lr": lr, "grad_norm": norm,
+                  "tokens_per_s": k * cfg.batch_size * cfg.context_length / dt, "dt": dt}
+        if cfg.n_experts > 0:
+            record["aux_loss"] = aux_sum / k
+        return record
 
     def _diverged(self, what: str, lr: float, step: int | None = None) -> TrainingDiverged:
         """The error for a non-finite number at `step` (default: the step being taken)."""
@@ -600,8 +639,10 @@ def _check_resumable(config: TrainConfig, ckpt) -> None:
     saved = (ckpt.trainer_state or {}).get("config")
     if not isinstance(saved, dict):
         raise ValueError(f"{ckpt.path}: cannot resume: no trainer.json with a training config")
-    changed = [f"{k} {saved.get(k)!r} -> {getattr(config, k)!r}"
-               for k in RESUME_FIXED if saved.get(k) != getattr(config, k)]
+    # a field missing from an older checkpoint had its default then (e.g. pos="learned")
+    defaults = TrainConfig()
+    changed = [f"{k} {saved.get(k, getattr(defaults, k))!r} -> {getattr(config, k)!r}"
+               for k in RESUME_FIXED if saved.get(k, getattr(defaults, k)) != getattr(config, k)]
     if changed:
         raise ValueError(f"cannot resume {ckpt.path} with a different model or tokenizer: "
                          f"{'; '.join(changed)}")
