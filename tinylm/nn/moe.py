@@ -79,7 +79,8 @@ class MoE(Module):
         p = xp.exp(r - r.max(axis=-1, keepdims=True))
         p /= p.sum(axis=-1, keepdims=True)  # (N, E) router probabilities
         top = xp.argsort(-p, axis=-1, kind="stable")[:, :k]  # (N, k) chosen experts, best first
-        p_top = xp.take_along_axis(p, top, axis=-1)  # (N, k)
+        token = xp.arange(N)[:, None]  # (N, 1) row index for the (N, k) gather
+        p_top = p[token, top]  # (N, k) their probabilities
         w = p_top / p_top.sum(axis=-1, keepdims=True)  # (N, k) gate weights, rows sum to 1
 
         y = xp.zeros_like(x2)  # (N, C)
@@ -123,10 +124,11 @@ class MoE(Module):
             dx[rows] += expert.backward(w[rows, slots][:, None] * dy_e)  # x forks into experts
 
         # w = p_top / sum(p_top)  =>  dp_top = (dw - sum_s dw_s w_s) / sum(p_top)
-        p_top = xp.take_along_axis(p, top, axis=-1)  # (N, k)
+        token = xp.arange(N)[:, None]  # (N, 1) row index for the (N, k) gathers
+        p_top = p[token, top]  # (N, k)
         dp_top = (dw - (dw * w).sum(axis=-1, keepdims=True)) / p_top.sum(axis=-1, keepdims=True)
         dp = xp.zeros_like(p)  # (N, E): only the chosen experts' probabilities were used...
-        xp.put_along_axis(dp, top, dp_top, axis=-1)
+        dp[token, top] = dp_top  # (a token's k experts are distinct: no collisions)
         # ...and every probability is in the aux loss: d aux / d p[n, e] = coef E f_e / N
         dp += (daux * self.aux_loss_coef * E / N) * f  # (E,) broadcast over tokens
 
