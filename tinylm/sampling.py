@@ -234,7 +234,12 @@ class Decoder:
     exist (refill from the last L/2 tokens and decode L/2 steps incrementally:
     amortised O(L) per token, but the model then sees between L/2 and L tokens of
     context, so the logits differ from the cropped forward; or rotary/relative
-    positions, which make shifted keys reusable). tinylm keeps exactness.
+    positions, which make shifted keys reusable). tinylm keeps exactness, for
+    every `pos` kind: even with RoPE, whose scores depend only on offsets, the
+    deeper layers' cached keys were computed from tokens that have left the
+    window, so they are not those of the cropped forward. (A sliding-window
+    model keeps only W positions per layer, but its receptive field still grows
+    by W-1 per layer.)
     """
 
     def __init__(self, model, batch_size: int, use_cache: bool):
