@@ -313,6 +313,18 @@ def test_export_refuses_models_without_biases(tmp_path):
         to_hf_gpt2(GPT(cfg), tmp_path)
 
 
+@pytest.mark.parametrize("variant", [dict(pos="rope"), dict(norm="rmsnorm"), dict(mlp="relu"),
+                                     dict(n_kv_heads=1), dict(sliding_window=4),
+                                     dict(n_experts=2)])
+def test_export_refuses_the_modern_variants(tmp_path, variant):
+    cfg = GPTConfig(vocab_size=50, context_length=16, d_model=16, n_layers=1, n_heads=2,
+                    **variant)
+    name = next(iter(variant))
+    with pytest.raises(HFCheckpointError, match=f"variant settings {name}=.*to_hf_llama"):
+        to_hf_gpt2(GPT(cfg), tmp_path)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
 # ---------------------------------------------------------------------------
 # Clear errors
 # ---------------------------------------------------------------------------

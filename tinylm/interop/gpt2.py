@@ -35,6 +35,7 @@ run arbitrary code when it is loaded, so it is refused with a note on converting
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -179,6 +180,15 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     if not cfg.bias:
         raise HFCheckpointError("GPT-2 has biases in every Linear and LayerNorm; a model "
                                 "with bias=False has no GPT-2 equivalent")
+    # every variant switch must be at its GPT-2 default (n_kv_heads = n_heads is plain MHA)
+    plain = dataclasses.replace(cfg, n_kv_heads=None) if cfg.kv_heads == cfg.n_heads else cfg
+    gpt2 = GPTConfig(cfg.vocab_size, cfg.context_length, cfg.d_model, cfg.n_layers,
+                     cfg.n_heads, cfg.dropout, cfg.bias, cfg.tie_weights)
+    changed = [f"{f}={getattr(cfg, f)!r}" for f in gpt2.to_dict()
+               if getattr(plain, f) != getattr(gpt2, f)]
+    if changed:
+        raise HFCheckpointError(f"GPT-2 has none of the variant settings {', '.join(changed)}; "
+                                "export a Llama-style model with tinylm.interop.to_hf_llama")
     return {
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2",
@@ -204,10 +214,12 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     }
 
 
-def read_config(directory: Path) -> dict:
+def read_config(directory: Path, kind: str = "GPT-2") -> dict:
+    """The parsed config.json of a Hugging Face `kind` directory ("GPT-2", "Llama"...,
+    which the errors name)."""
     path = directory / CONFIG_FILE
     if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (a Hugging Face GPT-2 directory "
+        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (a Hugging Face {kind} directory "
                                 f"holds {CONFIG_FILE} and {WEIGHTS_FILE})")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -220,10 +232,12 @@ def read_config(directory: Path) -> dict:
 # ---------------------------------------------------------------------------
 
 
-def read_weights(directory) -> tuple[dict[str, np.ndarray], str]:
+def read_weights(directory,
+                 model_class: str = "GPT2LMHeadModel") -> tuple[dict[str, np.ndarray], str]:
     """All tensors of the checkpoint in `directory` (memory-mapped), and the file name
     to quote in errors. Reads model.safetensors, or the shards listed in
-    model.safetensors.index.json; refuses pickled weights."""
+    model.safetensors.index.json; refuses pickled weights (the error's conversion
+    command loads them with transformers' `model_class`)."""
     directory = Path(directory)
     single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
     if single.is_file():
@@ -236,8 +250,8 @@ def read_weights(directory) -> tuple[dict[str, np.ndarray], str]:
             f"{directory}: the weights are in {', '.join(pickles)}, a pickled PyTorch file, and "
             "tinylm never unpickles (loading a pickle can run arbitrary code). Convert it to "
             f"safetensors once, where PyTorch and transformers are installed:\n"
-            f"    python -c \"from transformers import GPT2LMHeadModel; "
-            f"GPT2LMHeadModel.from_pretrained('{directory}').save_pretrained('{directory}')\"\n"
+            f"    python -c \"from transformers import {model_class}; "
+            f"{model_class}.from_pretrained('{directory}').save_pretrained('{directory}')\"\n"
             "(transformers older than 4.35: add safe_serialization=True), which writes "
             f"{WEIGHTS_FILE}.")
     raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} (nor {INDEX_FILE})")
