@@ -395,3 +395,53 @@ def test_help_explains_every_option_and_field():
     out = subprocess.run([sys.executable, "-m", "tinylm", "train", "--help"],
                          capture_output=True, text=True)
     assert out.returncode == 0 and "shakespeare-char-cpu" in out.stdout
+
+
+def test_variant_presets_switch_the_architecture():
+    llama, moe = PRESETS["shakespeare-char-llama"], PRESETS["shakespeare-char-moe"]
+    assert (llama.pos, llama.norm, llama.mlp, llama.n_kv_heads, llama.bias,
+            llama.tie_weights) == ("rope", "rmsnorm", "swiglu", 2, False, False)
+    assert (moe.sliding_window, moe.n_experts, moe.experts_per_token) == (32, 4, 2)
+    # everything else is the CPU recipe, so the runs compare
+    same = [f.name for f in dataclasses.fields(TrainConfig)
+            if f.name not in ("pos", "norm", "mlp", "n_kv_heads", "bias", "tie_weights",
+                              "sliding_window", "n_experts", "experts_per_token", "mlp_hidden",
+                              "out_dir")]
+    cpu = PRESETS["shakespeare-char-cpu"]
+    assert [getattr(llama, f) for f in same] == [getattr(cpu, f) for f in same]
+    assert [getattr(moe, f) for f in same] == [getattr(cpu, f) for f in same]
+
+
+def test_moe_run_logs_the_aux_loss_and_resumes_bitwise(tiny):
+    config = tiny(pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=1, sliding_window=6,
+                  n_experts=3, experts_per_token=2, bias=False, tie_weights=False, max_iters=6)
+    straight = Trainer(config.replace(out_dir=config.out_dir + "-straight"))
+    straight.train()
+    records = [r for r in read_log(straight.log_path) if r["event"] == "step"]
+    assert all(r["aux_loss"] > 0 for r in records)  # the load-balancing loss is optimised
+
+    stopper = StopAt(3)
+    first = Trainer(config, reporter=stopper)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    resumed = Trainer(config, resume=first.last_dir)
+    resumed.train()
+    assert_bitwise_equal(straight, resumed)
+    with pytest.raises(ValueError, match="n_experts 3 -> 4"):
+        Trainer(config.replace(n_experts=4), resume=first.last_dir)
+
+
+def test_checkpoints_from_before_the_variants_resume(tiny):
+    """trainer.json written before the variant fields existed lacks them: they were the
+    GPT-2 defaults then, and resuming with the defaults must be accepted."""
+    config = tiny(max_iters=4)
+    stopper = StopAt(2)
+    first = Trainer(config, reporter=stopper)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    path = first.last_dir / "trainer.json"
+    state = json.loads(path.read_text())
+    for name in ("pos", "norm", "mlp", "n_kv_heads", "sliding_window", "n_experts"):
+        del state["config"][name]
+    path.write_text(json.dumps(state))
+    assert Trainer(config, resume=first.last_dir).train()["step"] == 4
