@@ -282,7 +282,8 @@ class GPT(Module):
             dh = self.head.backward(dlogits)  # (B, T, C)
         dx = self.ln_f.backward(dh)
         for block in reversed(self.blocks):
-            dx = block.backward(dx, daux)
+            # only MoE blocks take daux: a dense block's backward stays backward(dout)
+            dx = block.backward(dx, daux) if self.config.n_experts else block.backward(dx)
         dx = self.drop.backward(dx)
         if self.config.pos == "learned":
             # x = tok_emb[idx] + pos_emb[t]: the sum forks dx to both tables; each
@@ -351,7 +352,7 @@ class GPT(Module):
     # -- state --------------------------------------------------------------
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        """{name: NumPy copy} for every parameter (see API.md for the names)."""
+        """{name: NumPy copy} for every parameter (names: docs/architecture.md)."""
         return {name: to_numpy(p).copy() for name, p, _ in self.parameters()}
 
     def load_state_dict(self, state: dict) -> None:

@@ -88,6 +88,7 @@ class TrainConfig:
     pos: str = _opt("learned", "positions: learned, sinusoidal, rope or none")
     rope_theta: float = _opt(10000.0, "RoPE base (with pos=rope)")
     norm: str = _opt("layernorm", "layernorm or rmsnorm")
+    norm_eps: float = _opt(1e-5, "epsilon of every norm layer")
     norm_placement: str = _opt("pre", "pre (GPT-2) or post (the original Transformer)")
     mlp: str = _opt("gelu", "gelu, relu or swiglu")
     mlp_hidden: int | None = _opt(None, "MLP width; null: 4 d_model (8/3 d_model for swiglu)")
@@ -200,9 +201,9 @@ class TrainConfig:
 
 
 # The GPTConfig variant switches a TrainConfig passes through unchanged.
-MODEL_VARIANT_FIELDS = ("pos", "rope_theta", "norm", "norm_placement", "mlp", "mlp_hidden",
-                        "n_kv_heads", "sliding_window", "n_experts", "experts_per_token",
-                        "moe_aux_loss_coef")
+MODEL_VARIANT_FIELDS = ("pos", "rope_theta", "norm", "norm_eps", "norm_placement", "mlp",
+                        "mlp_hidden", "n_kv_heads", "sliding_window", "n_experts",
+                        "experts_per_token", "moe_aux_loss_coef")
 
 
 def field_names() -> list[str]:
@@ -278,7 +279,8 @@ PRESETS: dict[str, TrainConfig] = {
         pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_weights=False,
         out_dir="runs/shakespeare-char-llama"),
     # The Llama recipe with Mistral's sliding window and a Mixtral-style MoE: 4 SwiGLU
-    # experts of a quarter of the width, 2 per token (about the dense model's compute).
+    # experts of about half the dense width (176 vs 344), 2 per token: about the dense
+    # model's compute per token, with twice its MLP parameters.
     "shakespeare-char-moe": TrainConfig(
         pos="rope", norm="rmsnorm", mlp="swiglu", n_kv_heads=2, bias=False, tie_weights=False,
         sliding_window=32, n_experts=4, experts_per_token=2, mlp_hidden=176,
@@ -319,6 +321,7 @@ class Trainer:
       "start"        {"step", "max_iters", "params", "device", "train_tokens", "val_tokens",
                       "tokenizer", "resumed_from"}
       "step"         {"step", "loss", "lr", "grad_norm", "tokens_per_s", "dt"} after each step
+                     (and "aux_loss", the load-balancing loss, for MoE models)
       "eval"         {"step", "train_loss", "val_loss", "val_ppl", "best"}
       "checkpoint"   {"path", "step", "kind"} ("last" or "best")
       "interrupted"  {"step", "path"} (path None when no checkpoint could be written)

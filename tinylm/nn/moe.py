@@ -14,7 +14,9 @@ For one token x (C,), with router weights W_r (C, E):
 
 The choice of S is a step function of x: it has no gradient, and finite
 differences see none as long as no two probabilities tie. The router learns
-through the gate weights w, which multiply the experts' outputs.
+through the gate weights w, which multiply the experts' outputs, when k >= 2.
+(With k = 1 the renormalised weight is w = p / p = 1, so only the aux loss
+below trains the router; the Switch Transformer gates with the plain p instead.)
 
 Left alone, a router collapses onto a few experts (they get better, so they
 get chosen more). The load-balancing loss (Switch Transformer, eq. 4; the
@@ -24,7 +26,9 @@ get chosen more). The load-balancing loss (Switch Transformer, eq. 4; the
     P_e = mean over tokens of p_e         mean router probability of e
     aux = coef * E * sum_e f_e P_e
 
-It is smallest when routing is uniform. f is a count (no gradient), so
+It equals coef * k whenever the load is balanced (every f_e = k/E), and grows
+when the tokens crowd onto experts that also get high probabilities. f is a
+count (no gradient), so
 d aux / d p[n, e] = coef * E * f_e / N: experts that are used a lot have their
 probabilities pushed down.
 """
@@ -44,8 +48,9 @@ class MoE(Module):
     `backward(dout, daux=1.0)` adds `daux` times its gradient, so the objective
     whose gradient it computes is (the loss above) + daux * aux_loss.
 
-    Cache: x (N, C), p (N, E), the top-k indices (N, k), the gate weights w (N, k),
-    and each expert's output for its tokens.
+    Cache: p (N, E), the top-k indices (N, k), the gate weights w (N, k), the load
+    fractions f (E,), each expert's tokens and output, and the input shape (each
+    expert keeps its own input for its backward).
     """
 
     def __init__(self, d_model: int, n_experts: int, experts_per_token: int = 2, *,
