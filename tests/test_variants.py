@@ -353,6 +353,7 @@ def test_moe_output_and_aux_loss_from_their_definitions(device):
     counts = np.zeros(E)
     for n in range(len(x)):
         chosen = np.argsort(-p[n])[:k]
+        np.testing.assert_array_equal(to_numpy(moe.choices[n]), chosen)  # best first
         counts[chosen] += 1
         for e in chosen:
             out = to_numpy(moe.experts[e].forward(to_device(x[n:n + 1], xp)))[0]

@@ -46,7 +46,9 @@ class MoE(Module):
     ("gelu", "relu" or "swiglu"). After `forward`, `aux_loss` (a float) is this
     layer's load-balancing loss, already multiplied by `aux_loss_coef`;
     `backward(dout, daux=1.0)` adds `daux` times its gradient, so the objective
-    whose gradient it computes is (the loss above) + daux * aux_loss.
+    whose gradient it computes is (the loss above) + daux * aux_loss, and
+    `choices` (N, k) are the experts each token was sent to, best first (both
+    kept after backward, for plots and logs).
 
     Cache: p (N, E), the top-k indices (N, k), the gate weights w (N, k), the load
     fractions f (E,), each expert's tokens and output, and the input shape (each
@@ -70,6 +72,7 @@ class MoE(Module):
                                  proj_init_std=proj_init_std, rng=rng, **kw)
                         for _ in range(n_experts)]
         self.aux_loss = 0.0
+        self.choices = None  # (N, k) expert ids of the last forward
         self._cache = None
 
     def extra_repr(self) -> str:
@@ -106,6 +109,7 @@ class MoE(Module):
                 f[e] = o[0].size / N
         P = p.mean(axis=0)  # (E,)
         self.aux_loss = self.aux_loss_coef * E * float((f * P).sum())
+        self.choices = top
         self._cache = (p, top, w, f, outputs, shape)
         return y.reshape(shape)
 
