@@ -194,7 +194,9 @@ class GPT(Module):
         """GPT-2 initialisation, drawn on the host in parameter-name order, so one
         seed gives the same weights on every machine and backend:
         weights ~ normal(0, 0.02), residual projections ~ normal(0, 0.02/sqrt(2L)),
-        biases 0, LayerNorm weight 1 and bias 0."""
+        biases 0, LayerNorm/RMSNorm weight 1 and bias 0. The residual projections are
+        the matrices whose output is added to the residual stream: attention's and the
+        MLP's `proj`, SwiGLU's `down` (in every expert of a MoE)."""
         rng = host_rng(seed)
         # GPT-2 scales the residual projections by 1/sqrt(2 * n_layers): each block
         # adds two branches to the residual stream, and this keeps its variance flat.
@@ -205,8 +207,7 @@ class GPT(Module):
             elif name.endswith("bias"):
                 value = np.zeros(p.shape)
             else:
-                residual = name.endswith(("proj.weight", "down.weight")) and "router" not in name
-                std = std_proj if residual else 0.02
+                std = std_proj if name.endswith(("proj.weight", "down.weight")) else 0.02
                 value = rng.standard_normal(p.shape) * std
             p[...] = to_device(value.astype(p.dtype), self.xp)
 
