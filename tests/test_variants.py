@@ -191,6 +191,20 @@ def test_rope_scores_depend_only_on_the_offset_and_norms_are_kept():
     np.testing.assert_array_equal(rope.rotate(x[:, :, :1], 0), x[:, :, :1])  # position 0: identity
 
 
+def test_rope_tables_grow_on_demand_and_stop_at_max_positions():
+    from tinylm.nn.positions import apply_rope, rope_angles
+
+    rope = RotaryEmbedding(8, 100_000, dtype="float64")
+    assert rope.cos.shape == (2048, 8)  # not 100,000 rows per layer up front
+    x = np.random.default_rng(0).standard_normal((1, 2, 3, 8))
+    angles = rope_angles(5003, 8)[5000:]  # (3, hs) at positions 5000..5002
+    np.testing.assert_allclose(rope.rotate(x, 5000), apply_rope(x, np.cos(angles),
+                                                                np.sin(angles)), atol=1e-12)
+    assert len(rope.cos) >= 5003
+    with pytest.raises(ValueError, match="cover 100000 positions"):
+        rope.rotate(x, 99_998)
+
+
 def test_rope_pairs_channel_i_with_i_plus_half():
     """The "rotate half" layout of Hugging Face Llama: channels j and j + hs/2 turn
     together by angle t * theta^(-2j/hs)."""

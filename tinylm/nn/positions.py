@@ -77,8 +77,10 @@ def apply_rope(x, cos, sin):
 class RotaryEmbedding(Module):
     """Rotates queries or keys (B, H, T, hs) by their positions; no parameters.
 
-    Keeps cos and sin tables for positions 0..max_positions-1, computed once in
-    float64 on the host and moved to the device in the layer's dtype.
+    Keeps cos and sin tables (n, hs), computed in float64 on the host and moved
+    to the device in the layer's dtype: for the first min(max_positions, 2048)
+    positions at once, and extended on demand up to max_positions (a checkpoint
+    may allow 131072 positions, and every layer has its own tables).
     `rotate(x, start)` treats x's T rows as positions start..start+T-1 (the KV
     cache rotates new keys at their true positions).
 
@@ -92,10 +94,18 @@ class RotaryEmbedding(Module):
                  device="cpu", dtype="float32"):
         super().__init__(device, dtype)
         self.head_size, self.max_positions, self.theta = head_size, max_positions, theta
-        angles = rope_angles(max_positions, head_size, theta)  # (L, hs)
-        self.cos = to_device(np.cos(angles).astype(self.dtype), self.xp)  # (L, hs)
-        self.sin = to_device(np.sin(angles).astype(self.dtype), self.xp)  # (L, hs)
+        self.cos = self.sin = None
+        self._tables(min(max_positions, 2048))
         self._cache = None
+
+    def _tables(self, n: int):
+        """cos, sin (n', hs) with n' >= n rows; (re)built, at least doubled, when short."""
+        if self.cos is None or len(self.cos) < n:
+            size = min(max(n, 2 * (0 if self.cos is None else len(self.cos))), self.max_positions)
+            angles = rope_angles(size, self.head_size, self.theta)  # (size, hs)
+            self.cos = to_device(np.cos(angles).astype(self.dtype), self.xp)  # (size, hs)
+            self.sin = to_device(np.sin(angles).astype(self.dtype), self.xp)  # (size, hs)
+        return self.cos, self.sin
 
     def extra_repr(self) -> str:
         return f"head_size={self.head_size}, theta={self.theta:g}"
@@ -106,7 +116,8 @@ class RotaryEmbedding(Module):
         if start + T > self.max_positions:
             raise ValueError(f"RoPE tables cover {self.max_positions} positions, asked for "
                              f"{start}..{start + T - 1}")
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]  # (T, hs)
+        cos, sin = self._tables(start + T)
+        cos, sin = cos[start:start + T], sin[start:start + T]  # (T, hs)
         return apply_rope(x, cos, -sin if inverse else sin)
 
     def forward(self, x, start: int = 0):
