@@ -96,7 +96,7 @@ class Block(Module):
         return dx
 
     def _mlp_backward(self, dout, daux: float):
-        if hasattr(self.mlp, "aux_loss"):  # a MoE: its router also gets the aux loss's gradient
+        if isinstance(self.mlp, MoE):  # its router also gets the aux loss's gradient
             return self.mlp.backward(dout, daux)
         return self.mlp.backward(dout)
 
