@@ -1,12 +1,18 @@
 """Training-step time of each GPTConfig variant at one shape, and the KV-cache memory.
 
     OPENBLAS_NUM_THREADS=1 python benchmarks/bench_variants.py [--steps 6] [--rounds 3]
+    OPENBLAS_NUM_THREADS=1 python benchmarks/bench_variants.py --decode [--tokens 256]
 
 Every variant is the 'small' shape of `tinylm bench` (V=512, d=128, L=4, H=4,
 T=128, B=16) with one switch changed (or the Llama / Mixtral combinations).
 Rounds go through all variants in turn and the table shows each one's median
 step over all rounds, so slow phases of a shared machine hit every variant
 alike. Times are forward + loss + backward + clipping + AdamW, float32 on the CPU.
+
+--decode instead times greedy generation with the KV cache for the attention
+variants (MHA, GQA, MQA, sliding window) at the shape of bench_generate.py's
+'small' model (V=4096, d=256, L=4, H=8, context 512): new tokens per second and
+the cache's bytes, which is what those variants change.
 """
 
 from __future__ import annotations
@@ -65,11 +71,47 @@ class Stepper:
         return time.perf_counter() - t0
 
 
+DECODE_SHAPE = dict(vocab_size=4096, context_length=512, d_model=256, n_layers=4, n_heads=8)
+DECODE_VARIANTS = {
+    "MHA (8 kv heads)": {},
+    "GQA (2 kv heads)": dict(n_kv_heads=2),
+    "MQA (1 kv head)": dict(n_kv_heads=1),
+    "MHA, sliding_window=64": dict(sliding_window=64),
+}
+
+
+def decode(n_tokens: int, rounds: int) -> None:
+    from tinylm.sampling import generate
+
+    prompt = np.random.default_rng(0).integers(0, DECODE_SHAPE["vocab_size"], (1, 16))
+    models = {name: GPT(GPTConfig(**DECODE_SHAPE, **kw), seed=0).eval()
+              for name, kw in DECODE_VARIANTS.items()}
+    times = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            generate(model, prompt, n_tokens, temperature=0, use_cache=True)
+            times[name].append(time.perf_counter() - t0)
+    print(f"shape {DECODE_SHAPE}; prompt 16, {n_tokens} new tokens, greedy, KV cache; "
+          f"median of {rounds}")
+    print(f"{'variant':<24} {'tokens/s':>9} {'KV cache (B=1)':>15}")
+    for name, model in models.items():
+        kv = KVCache.for_model(model, batch_size=1).nbytes()
+        print(f"{name:<24} {n_tokens / float(np.median(times[name])):>9,.0f} "
+              f"{kv / 2**20:>11.2f} MiB")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant per round")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--decode", action="store_true",
+                        help="time cached generation of the attention variants instead")
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens with --decode")
     args = parser.parse_args()
+    if args.decode:
+        decode(args.tokens, args.rounds)
+        return
 
     steppers = {name: Stepper(switches) for name, switches in VARIANTS.items()}
     times = {name: [] for name in VARIANTS}
