@@ -230,11 +230,11 @@ class CausalSelfAttention(Module):
 
         att = q @ k.swapaxes(-1, -2)  # (B, Hkv, G*t, n) scores
         att *= 1.0 / math.sqrt(hs)
-        q_pos, k_pos = np.arange(pos, pos + t), np.arange(first, first + n)
         if t > 1 or (self.sliding_window is not None and n > self.sliding_window):
             # a single query (t = 1) without a window is the newest position and may
             # see every key; otherwise mask as `forward` does, in true positions.
             # Built per call, not memoised: prefill lengths vary.
+            q_pos, k_pos = np.arange(pos, pos + t), np.arange(first, first + n)
             mask = attention_mask(q_pos, k_pos, self.sliding_window, xp, att.dtype)  # (t, n)
             att += xp.tile(mask, (G, 1))  # (G*t, n)
         att -= att.max(axis=-1, keepdims=True)  # softmax over the keys, as in forward
