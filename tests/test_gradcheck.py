@@ -32,7 +32,7 @@ def test_checker_catches_a_wrong_backward():
             self.grads["weight"] *= 1.01  # a 1% error in the weight gradient
             return dx
 
-    layer = BrokenLinear(4, 3, dtype="float64")
+    layer = BrokenLinear(4, 3).to(dtype="float64")
     x = np.random.default_rng(0).standard_normal((2, 4))
     results = {r.name: r for r in check_layer(layer, x)}
     assert results["input"].passed and results["bias"].passed
@@ -59,7 +59,7 @@ def test_directional_check_catches_errors_on_large_tensors():
 
 def test_causal_mask_no_gradient_from_the_future(device):
     xp = get_xp(device)
-    attn = CausalSelfAttention(8, 2, device=device, dtype="float64")
+    attn = CausalSelfAttention(8, 2).to(device, "float64")
     randomize_params(attn, np.random.default_rng(1))
     x = to_device(np.random.default_rng(2).standard_normal((2, 6, 8)), xp)
     y = to_numpy(attn.forward(x))
@@ -80,7 +80,7 @@ def test_causal_mask_no_gradient_from_the_future(device):
 
 def test_embedding_repeated_ids_sum(device):
     xp = get_xp(device)
-    emb = Embedding(5, 3, device=device, dtype="float64")
+    emb = Embedding(5, 3).to(device, "float64")
     ids = np.array([[1, 4, 1], [1, 0, 4]])
     dout = np.random.default_rng(0).standard_normal((2, 3, 3))
     emb.forward(to_device(ids, xp))
@@ -122,7 +122,7 @@ def test_tied_embedding_gets_sum_of_lookup_and_head_gradients():
 def test_residual_fork_passes_gradient_straight_through():
     """With both branches' output projections zeroed, a Block is the identity and its
     input gradient is exactly dout (the residual path), while branches still get gradients."""
-    block = Block(8, 2, dtype="float64")
+    block = Block(8, 2).to(dtype="float64")
     for layer in (block.attn.proj, block.mlp.proj):
         for p in layer.params.values():
             p[...] = 0.0
@@ -136,7 +136,7 @@ def test_residual_fork_passes_gradient_straight_through():
 def test_parameter_gradients_accumulate(device):
     """Two backward passes without zero_grad sum up (as in PyTorch)."""
     xp = get_xp(device)
-    layer = Linear(3, 2, device=device, dtype="float64")
+    layer = Linear(3, 2).to(device, "float64")
     x = to_device(np.random.default_rng(0).standard_normal((4, 3)), xp)
     dout = to_device(np.ones((4, 2)), xp)
     layer.forward(x)

@@ -28,7 +28,7 @@ def test_sinusoidal_values_and_relative_shift():
 
 
 def test_attention_weights_are_causal_distributions():
-    attn = CausalSelfAttention(8, 2, dtype="float64")
+    attn = CausalSelfAttention(8, 2).to(dtype="float64")
     x = np.random.default_rng(0).standard_normal((1, 5, 8))
     attn.forward(x)
     att = attn.attention_weights

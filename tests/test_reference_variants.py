@@ -98,7 +98,7 @@ def run(ref: dict, name: str, device: str = "cpu", daux: float = 1.0):
     aux = model.aux_loss
     model.backward(loss_fn.backward(), daux=daux)
     grads = {n: to_numpy(g) for n, _, g in model.parameters()}
-    per_layer = np.array([block.aux_loss for block in model.blocks])
+    per_layer = np.array([sum(m.aux_loss for m in block.aux_layers()) for block in model.blocks])
     return model, to_numpy(logits), float(loss), float(aux), per_layer, grads
 
 

@@ -172,7 +172,7 @@ def test_every_preset_combination_passes_the_model_gradcheck(preset):
 
 
 def test_rope_scores_depend_only_on_the_offset_and_norms_are_kept():
-    rope = RotaryEmbedding(8, 64, theta=100.0, dtype="float64")
+    rope = RotaryEmbedding(8, 64, theta=100.0).to(dtype="float64")
     rng = np.random.default_rng(0)
     q, k = rng.standard_normal(8), rng.standard_normal(8)
 
@@ -194,7 +194,7 @@ def test_rope_scores_depend_only_on_the_offset_and_norms_are_kept():
 def test_rope_tables_grow_on_demand_and_stop_at_max_positions():
     from tinylm.nn.positions import apply_rope, rope_angles
 
-    rope = RotaryEmbedding(8, 100_000, dtype="float64")
+    rope = RotaryEmbedding(8, 100_000).to(dtype="float64")
     assert rope.cos.shape == (2048, 8)  # not 100,000 rows per layer up front
     x = np.random.default_rng(0).standard_normal((1, 2, 3, 8))
     angles = rope_angles(5003, 8)[5000:]  # (3, hs) at positions 5000..5002
@@ -208,7 +208,7 @@ def test_rope_tables_grow_on_demand_and_stop_at_max_positions():
 def test_rope_pairs_channel_i_with_i_plus_half():
     """The "rotate half" layout of Hugging Face Llama: channels j and j + hs/2 turn
     together by angle t * theta^(-2j/hs)."""
-    rope = RotaryEmbedding(4, 8, theta=10000.0, dtype="float64")
+    rope = RotaryEmbedding(4, 8, theta=10000.0).to(dtype="float64")
     x = np.zeros((1, 1, 4, 4))
     x[0, 0, 3, 0] = 1.0  # a unit vector in channel 0 at position 3
     y = rope.rotate(x)[0, 0, 3]
@@ -226,11 +226,10 @@ def test_gqa_is_multi_head_attention_with_shared_keys_and_values(device):
     xp = get_xp(device)
     C, H, Hkv, hs = 12, 6, 2, 2
     G = H // Hkv
-    gqa = CausalSelfAttention(C, H, n_kv_heads=Hkv, rope_theta=50.0, max_positions=8,
-                              device=device, dtype="float64")
+    gqa = CausalSelfAttention(C, H, n_kv_heads=Hkv, rope_theta=50.0, max_positions=8)
+    gqa.to(device, "float64")
     randomize_params(gqa, np.random.default_rng(0))
-    mha = CausalSelfAttention(C, H, rope_theta=50.0, max_positions=8, device=device,
-                              dtype="float64")
+    mha = CausalSelfAttention(C, H, rope_theta=50.0, max_positions=8).to(device, "float64")
     W = to_numpy(gqa.qkv.params["weight"])  # (C, (H + 2 Hkv) hs)
     b = to_numpy(gqa.qkv.params["bias"])
     q_cols = np.arange(H * hs)
@@ -250,7 +249,7 @@ def test_gqa_is_multi_head_attention_with_shared_keys_and_values(device):
 def test_sliding_window_sees_only_the_last_w_positions(device):
     xp = get_xp(device)
     W, T = 3, 8
-    attn = CausalSelfAttention(8, 2, sliding_window=W, device=device, dtype="float64")
+    attn = CausalSelfAttention(8, 2, sliding_window=W).to(device, "float64")
     randomize_params(attn, np.random.default_rng(0))
     x = to_device(np.random.default_rng(1).standard_normal((2, T, 8)), xp)
     y = to_numpy(attn.forward(x))
@@ -354,8 +353,7 @@ def test_moe_output_and_aux_loss_from_their_definitions(device):
     chosen experts' outputs; and the Switch load-balancing loss."""
     xp = get_xp(device)
     E, k, coef = 5, 2, 0.3
-    moe = MoE(6, E, k, kind="swiglu", hidden=10, aux_loss_coef=coef, device=device,
-              dtype="float64")
+    moe = MoE(6, E, k, kind="swiglu", hidden=10, aux_loss_coef=coef).to(device, "float64")
     randomize_params(moe, np.random.default_rng(0), scale=0.5)
     x_host = np.random.default_rng(1).standard_normal((3, 4, 6))
     y = to_numpy(moe.forward(to_device(x_host, xp))).reshape(-1, 6)
@@ -379,14 +377,14 @@ def test_moe_output_and_aux_loss_from_their_definitions(device):
 
 def test_moe_uniform_router_aux_loss_is_coef_times_k():
     """A zero router gives p = 1/E everywhere: aux = coef * E * sum_e f_e / E = coef * k."""
-    moe = MoE(4, 4, 3, aux_loss_coef=0.5, dtype="float64")
+    moe = MoE(4, 4, 3, aux_loss_coef=0.5).to(dtype="float64")
     moe.router.params["weight"][...] = 0.0
     moe.forward(np.random.default_rng(0).standard_normal((2, 5, 4)))
     assert moe.aux_loss == pytest.approx(0.5 * 3)
 
 
 def test_moe_unused_experts_get_no_gradient_and_top1_router_learns_from_aux_only():
-    moe = MoE(4, 3, 1, aux_loss_coef=0.0, dtype="float64")
+    moe = MoE(4, 3, 1, aux_loss_coef=0.0).to(dtype="float64")
     moe.router.params["weight"][...] = 0.0
     moe.router.params["weight"][:, 2] = -10.0
     moe.router.params["weight"][0, 0] = 5.0  # positive inputs: expert 0 always wins

@@ -130,8 +130,8 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
     inside the layer is held fixed by restarting its mask stream before every
     forward. Everything should be float64.
 
-    A layer with an `aux_loss` (MoE) adds that scalar to the objective, and its
-    backward adds its gradient: then L = sum(y * G) + aux_loss.
+    Layers with an auxiliary loss inside (MoE) add it to the objective, and their
+    backward adds its gradient: then L = sum(y * G) + the aux losses.
     """
     rng = np.random.default_rng(seed)
     has_dropout = hasattr(layer, "modules")
@@ -150,7 +150,7 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
 
     def f() -> float:
         y = forward()
-        aux = getattr(layer, "aux_loss", 0.0)
+        aux = sum(m.aux_loss for m in layer.aux_layers()) if has_dropout else 0.0
         return (float(y) * G if scalar_out else float((y * G).sum())) + aux
 
     f_scale = abs(float(out) * G) if scalar_out else float(abs(out * G).sum())
@@ -230,6 +230,9 @@ def suite_cases(device: str = "cpu"):
     xp = get_xp(device)
     kw = dict(device=device, dtype="float64")
 
+    def on(layer):  # the layer, moved to the suite's device in float64
+        return layer.to(**kw)
+
     def data(shape, seed=1, scale=1.0):
         return to_device(np.random.default_rng(seed).standard_normal(shape) * scale, xp)
 
@@ -250,46 +253,46 @@ def suite_cases(device: str = "cpu"):
         return check_model(model, ids((2, 7), 13, seed=5), targets,
                            SoftmaxCrossEntropy(label_smoothing=0.1))
 
-    dropout_train = Dropout(0.3, **kw).train()
+    dropout_train = Dropout(0.3).train()
     ids_with_repeats = to_device(np.array([[1, 3, 1], [3, 3, 0]]), xp)  # (2, 3)
     return [
-        ("Linear", lambda: layer_case(Linear(5, 7, **kw), data((2, 3, 5)))),
-        ("Linear(bias=False)", lambda: layer_case(Linear(5, 4, bias=False, **kw), data((3, 5)))),
+        ("Linear", lambda: layer_case(on(Linear(5, 7)), data((2, 3, 5)))),
+        ("Linear(bias=False)", lambda: layer_case(on(Linear(5, 4, bias=False)), data((3, 5)))),
         ("Embedding (repeated ids)",
-         lambda: layer_case(Embedding(6, 4, **kw), ids_with_repeats)),
-        ("LayerNorm", lambda: layer_case(LayerNorm(6, **kw), data((2, 3, 6)))),
-        ("GELU", lambda: layer_case(GELU(**kw), data((3, 7), scale=2.0))),
+         lambda: layer_case(on(Embedding(6, 4)), ids_with_repeats)),
+        ("LayerNorm", lambda: layer_case(on(LayerNorm(6)), data((2, 3, 6)))),
+        ("GELU", lambda: layer_case(on(GELU()), data((3, 7), scale=2.0))),
         ("Dropout(0.3), fixed mask", lambda: layer_case(dropout_train, data((4, 5)))),
         ("CausalSelfAttention",
-         lambda: layer_case(CausalSelfAttention(8, 2, **kw), data((2, 5, 8)))),
+         lambda: layer_case(on(CausalSelfAttention(8, 2)), data((2, 5, 8)))),
         ("CausalSelfAttention(dropout)",
-         lambda: layer_case(CausalSelfAttention(8, 2, dropout=0.2, **kw), data((2, 4, 8)))),
-        ("MLP", lambda: layer_case(MLP(6, **kw), data((2, 3, 6)))),
-        ("Block", lambda: layer_case(Block(8, 2, **kw), data((2, 4, 8)))),
+         lambda: layer_case(on(CausalSelfAttention(8, 2, dropout=0.2)), data((2, 4, 8)))),
+        ("MLP", lambda: layer_case(on(MLP(6)), data((2, 3, 6)))),
+        ("Block", lambda: layer_case(on(Block(8, 2)), data((2, 4, 8)))),
         ("SoftmaxCrossEntropy(smoothing, ignore)", lambda: _loss_case(xp)),
         ("GPT (tied, bias)", lambda: gpt_case()),
         ("GPT (untied, no bias)", lambda: gpt_case(bias=False, tie_weights=False)),
         ("GPT (dropout 0.1, train)", lambda: gpt_case(dropout=0.1)),
         # -- the modern variants (GPTConfig switches) --
-        ("RMSNorm", lambda: layer_case(RMSNorm(6, **kw), data((2, 3, 6)))),
-        ("ReLU", lambda: layer_case(ReLU(**kw), data((3, 7)))),
-        ("SiLU", lambda: layer_case(SiLU(**kw), data((3, 7), scale=2.0))),
-        ("SwiGLU", lambda: layer_case(SwiGLU(6, 10, **kw), data((2, 3, 6)))),
-        ("RotaryEmbedding", lambda: layer_case(RotaryEmbedding(6, 8, **kw), data((2, 2, 5, 6)))),
+        ("RMSNorm", lambda: layer_case(on(RMSNorm(6)), data((2, 3, 6)))),
+        ("ReLU", lambda: layer_case(on(ReLU()), data((3, 7)))),
+        ("SiLU", lambda: layer_case(on(SiLU()), data((3, 7), scale=2.0))),
+        ("SwiGLU", lambda: layer_case(on(SwiGLU(6, 10)), data((2, 3, 6)))),
+        ("RotaryEmbedding", lambda: layer_case(on(RotaryEmbedding(6, 8)), data((2, 2, 5, 6)))),
         ("CausalSelfAttention(GQA, RoPE)",
-         lambda: layer_case(CausalSelfAttention(8, 4, n_kv_heads=2, rope_theta=100.0,
-                                                max_positions=8, **kw), data((2, 5, 8)))),
+         lambda: layer_case(on(CausalSelfAttention(8, 4, n_kv_heads=2, rope_theta=100.0,
+                                                   max_positions=8)), data((2, 5, 8)))),
         ("CausalSelfAttention(MQA, window 2, dropout)",
-         lambda: layer_case(CausalSelfAttention(8, 2, n_kv_heads=1, sliding_window=2,
-                                                dropout=0.2, **kw), data((2, 5, 8)))),
+         lambda: layer_case(on(CausalSelfAttention(8, 2, n_kv_heads=1, sliding_window=2,
+                                                   dropout=0.2)), data((2, 5, 8)))),
         ("MoE(4 experts, top-2, aux loss)",
-         lambda: layer_case(MoE(6, 4, 2, aux_loss_coef=0.5, **kw), data((2, 5, 6)))),
+         lambda: layer_case(on(MoE(6, 4, 2, aux_loss_coef=0.5)), data((2, 5, 6)))),
         ("MoE(3 SwiGLU experts, top-1)",
-         lambda: layer_case(MoE(6, 3, 1, kind="swiglu", hidden=8, aux_loss_coef=0.5, **kw),
+         lambda: layer_case(on(MoE(6, 3, 1, kind="swiglu", hidden=8, aux_loss_coef=0.5)),
                             data((2, 4, 6)))),
         ("Block(post-norm, RMSNorm, ReLU)",
-         lambda: layer_case(Block(8, 2, norm="rmsnorm", norm_placement="post", mlp="relu",
-                                  **kw), data((2, 4, 8)))),
+         lambda: layer_case(on(Block(8, 2, norm="rmsnorm", norm_placement="post",
+                                     mlp="relu")), data((2, 4, 8)))),
         ("GPT (Llama: RoPE, RMSNorm, SwiGLU, GQA)",
          lambda: gpt_case(pos="rope", norm="rmsnorm", mlp="swiglu", n_heads=4, n_kv_heads=2,
                           bias=False, tie_weights=False)),

@@ -36,38 +36,31 @@ from tinylm.nn.positions import sinusoidal_positions
 
 __all__ = ["GPT", "GPTConfig"]
 
-# The attributes in which tinylm's layers keep their backward caches: Linear
-# `_x`, Embedding `_ids`, LayerNorm/GELU/attention `_cache`, Dropout `_mask`, GPT `_h`.
-_BACKWARD_CACHES = ("_x", "_ids", "_cache", "_mask", "_h")
-
-
 class GPT(Module):
     """A GPT-2 style decoder. `GPT(config, seed=0, device="cpu", dtype="float32")`."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32"):
-        super().__init__(device, dtype)
+        super().__init__()
         if not isinstance(config, GPTConfig):
             raise TypeError(f"config must be a GPTConfig, got {type(config).__name__}")
         self.config = cfg = config
-        self.seed = seed
-        kw = dict(device=device, dtype=dtype)
         # the layers' own initial values are all replaced by init_weights below
-        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model, **kw)
+        self.tok_emb = Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.pos == "learned":
-            self.pos_emb = Embedding(cfg.context_length, cfg.d_model, **kw)
+            self.pos_emb = Embedding(cfg.context_length, cfg.d_model)
         elif cfg.pos == "sinusoidal":  # a fixed table: not a parameter, no gradient
-            self.pos_table = sinusoidal_positions(cfg.context_length, cfg.d_model, self.xp,
-                                                  self.dtype)  # (L, C)
+            self.buffers["pos_table"] = sinusoidal_positions(  # (T_max, C), cast by `to`
+                cfg.context_length, cfg.d_model, dtype="float64")
         # pos="rope" rotates q and k inside attention; pos="none" adds nothing
-        self.drop = Dropout(cfg.dropout, **kw)
-        self.blocks = [Block(cfg.d_model, cfg.n_heads, **cfg.block_kwargs(), **kw)
+        self.drop = Dropout(cfg.dropout)
+        self.blocks = [Block(cfg.d_model, cfg.n_heads, **cfg.block_kwargs())
                        for _ in range(cfg.n_layers)]
-        self.ln_f = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias, **kw)
+        self.ln_f = make_norm(cfg.norm, cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
         if not cfg.tie_weights:
-            self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False, **kw)
+            self.head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.to(device, dtype)
         self.init_weights(seed)
         self.seed_dropout(seed)
-        self._h = None
 
     def extra_repr(self) -> str:
         return f"{self.num_parameters():,} parameters, dtype={self.dtype.name}"
@@ -116,11 +109,15 @@ class GPT(Module):
         for block in self.blocks:
             x = block.forward(x)  # (B, T, C)
         h = self.ln_f.forward(x)  # (B, T, C)
-        self._h = h
-        if self.config.tie_weights:
-            W = self.tok_emb.params["weight"]  # (V, C)
-            return (h.reshape(B * T, -1) @ W.T).reshape(B, T, -1)  # (B, T, V)
-        return self.head.forward(h)  # (B, T, V)
+        self._cache = h
+        return self._head(h)  # (B, T, V)
+
+    def _head(self, h):
+        """h (B, T, C) -> logits (B, T, V): the tied embedding matrix, or `head`."""
+        if not self.config.tie_weights:
+            return self.head.forward(h)
+        W = self.tok_emb.params["weight"]  # (V, C)
+        return (h.reshape(-1, h.shape[-1]) @ W.T).reshape(*h.shape[:-1], -1)  # (B, T, V)
 
     def _add_positions(self, x, start: int, T: int) -> None:
         """x (B, T, C) += the position vectors of positions start..start+T-1 (in place;
@@ -128,14 +125,14 @@ class GPT(Module):
         if self.config.pos == "learned":
             x += self.pos_emb.forward(self.xp.arange(start, start + T))  # (T, C), over the batch
         elif self.config.pos == "sinusoidal":
-            x += self.pos_table[start:start + T]  # (T, C)
+            x += self.buffers["pos_table"][start:start + T]  # (T, C)
 
     @property
     def aux_loss(self) -> float:
         """The load-balancing loss of the last forward, summed over the MoE blocks (0.0
         without experts). The training objective is loss + aux_loss; `backward` adds
         its gradient (scaled by `daux`)."""
-        return sum(block.aux_loss for block in self.blocks)
+        return sum(layer.aux_loss for layer in self.aux_layers())
 
     def _token_ids(self, idx, who: str):
         """idx as a (B, T) integer array on the model's device, ids checked against V."""
@@ -153,8 +150,9 @@ class GPT(Module):
         `daux` is the upstream gradient of `aux_loss` (MoE models only): 1.0 when
         the objective is loss + aux_loss, 1/k when accumulating k micro-batches,
         as the loss's own gradient is scaled."""
-        h = self._need_cache(self._h)
-        self._h = None
+        h = self._take_cache()
+        for layer in self.aux_layers():
+            layer.aux_grad = daux
         C = self.config.d_model
         if self.config.tie_weights:
             W = self.tok_emb.params["weight"]  # (V, C)
@@ -167,8 +165,7 @@ class GPT(Module):
             dh = self.head.backward(dlogits)  # (B, T, C)
         dx = self.ln_f.backward(dh)
         for block in reversed(self.blocks):
-            # only MoE blocks take daux: a dense block's backward stays backward(dout)
-            dx = block.backward(dx, daux) if self.config.n_experts else block.backward(dx)
+            dx = block.backward(dx)
         dx = self.drop.backward(dx)
         if self.config.pos == "learned":
             # x = tok_emb[idx] + pos_emb[t]: the sum forks dx to both tables; each
@@ -213,26 +210,9 @@ class GPT(Module):
             # (C x V) head matmul, the biggest one in a prefill
             x = x[:, -1:]  # (B, 1, C)
         h = self.ln_f.forward(x)  # (B, t', C), LayerNorm is per position
-        if self.config.tie_weights:
-            W = self.tok_emb.params["weight"]  # (V, C)
-            logits = (h.reshape(B * h.shape[1], -1) @ W.T).reshape(B, h.shape[1], -1)  # (B, t', V)
-        else:
-            logits = self.head.forward(h)  # (B, t', V)
+        logits = self._head(h)  # (B, t', V)
         self.clear_backward_caches()
         return logits if all_logits else logits[:, -1]  # (B, t, V) or (B, V)
-
-    def clear_backward_caches(self) -> None:
-        """Drop what the last forward kept for backward, in every layer.
-
-        Inference calls this so that a prefill does not pin a full set of
-        activations (O(n_layers * B * T * C)) until the next training step; a
-        `backward` after it raises the usual "without a matching forward" error
-        instead of using activations of some other input.
-        """
-        for module in self.modules():
-            for name in _BACKWARD_CACHES:
-                if name in vars(module):
-                    setattr(module, name, None)
 
     # -- state --------------------------------------------------------------
 

@@ -21,10 +21,6 @@ class GELU(Module):
     `GELU(approximate="tanh")`). Cache: x and t = tanh(u).
     """
 
-    def __init__(self, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
-        self._cache = None
-
     def forward(self, x):
         xp = xp_of(x)
         # u = sqrt(2/pi) * (x + a x^3), built in one buffer to avoid temporaries
@@ -40,8 +36,7 @@ class GELU(Module):
         return y
 
     def backward(self, dout):
-        x, t = self._need_cache(self._cache)
-        self._cache = None
+        x, t = self._take_cache()
         # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,   du/dx = sqrt(2/pi) (1 + 3a x^2)
         dudx = x * x
         dudx *= 3.0 * _GELU_A * _SQRT_2_OVER_PI
@@ -60,18 +55,13 @@ class GELU(Module):
 class ReLU(Module):
     """relu(x) = max(x, 0), the original Transformer's activation. Cache: the mask x > 0."""
 
-    def __init__(self, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
-        self._cache = None
-
     def forward(self, x):
         positive = x > 0  # (same shape as x) bool
         self._cache = positive
         return x * positive
 
     def backward(self, dout):
-        positive = self._need_cache(self._cache)
-        self._cache = None
+        positive = self._take_cache()
         # the derivative is 1 where x > 0 and 0 elsewhere (0 at x = 0 itself, as PyTorch)
         return dout * positive
 
@@ -81,10 +71,6 @@ class SiLU(Module):
 
     Cache: x and s = sigmoid(x). The derivative is s + x s (1 - s) = s (1 + x (1 - s)).
     """
-
-    def __init__(self, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
-        self._cache = None
 
     def forward(self, x):
         xp = xp_of(x)
@@ -96,8 +82,7 @@ class SiLU(Module):
         return x * s
 
     def backward(self, dout):
-        x, s = self._need_cache(self._cache)
-        self._cache = None
+        x, s = self._take_cache()
         dydx = 1.0 - s
         dydx *= x
         dydx += 1.0
@@ -121,13 +106,12 @@ class Dropout(Module):
     Cache: the scaled mask.
     """
 
-    def __init__(self, p: float = 0.0, *, seed=0, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
+    def __init__(self, p: float = 0.0, *, seed=0):
+        super().__init__()
         if not 0.0 <= p < 1.0:
             raise ValueError(f"Dropout probability p must be in [0, 1), got {p}")
         self.p = float(p)
         self.reseed(seed)
-        self._mask = None
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
@@ -137,15 +121,14 @@ class Dropout(Module):
 
     def forward(self, x):
         if not self.training or self.p == 0.0:
-            self._mask = 1.0  # identity; backward passes dout through
+            self._cache = 1.0  # identity; backward passes dout through
             return x
         keep = rand(self.rng, x.shape, xp_of(x), x.dtype) >= self.p  # (same shape as x) bool
-        self._mask = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))
-        return x * self._mask
+        self._cache = keep.astype(x.dtype) * (1.0 / (1.0 - self.p))  # the scaled mask
+        return x * self._cache
 
     def backward(self, dout):
-        mask = self._need_cache(self._mask)
-        self._mask = None
+        mask = self._take_cache()
         return dout if isinstance(mask, float) else dout * mask
 
 

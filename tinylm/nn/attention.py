@@ -8,7 +8,10 @@
     out = y @ W_proj + b_proj                (B, T, C)
 
 The mask makes position t attend only to positions <= t, so no information
-(and no gradient) flows from the future. A masked score of -inf becomes an
+(and no gradient) flows from the future. One method builds it, `mask(q_pos,
+k_pos, ...)`, for training (`forward`) and for generation (`forward_cached`)
+alike; assign another function to `attn.mask` to change what attention may see
+(notebooks 03 and 05 switch it off to show what the mask is for). A masked score of -inf becomes an
 attention weight of exactly 0 after the softmax, and a zero weight passes no
 gradient back: the softmax backward multiplies by `att`.
 
@@ -24,7 +27,8 @@ How the groups are computed: query head h uses kv head h // G (as Hugging Face's
 `repeat_kv`). Rather than copying each k and v G times, the G query heads of a
 group are stacked along the time axis, (B, Hkv, G*T, hs), so one matmul per kv
 head scores all of them. In backward the same matmuls sum the G heads'
-gradients into the shared k and v: the fork of a shared value (STYLE.md 5).
+gradients into the shared k and v: a value used twice gets the sum of both uses'
+gradients.
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ import numpy as np
 
 from tinylm.backend import to_device, xp_of
 from tinylm.nn.activation import Dropout
+from tinylm.nn.functional import softmax
 from tinylm.nn.linear import Linear
-from tinylm.nn.module import Module, make_rng
+from tinylm.nn.module import Module, init_rng
 from tinylm.nn.positions import RotaryEmbedding
 
 
@@ -49,6 +54,28 @@ def attention_mask(q_pos, k_pos, window: int | None, xp, dtype):
     if window is not None:
         visible &= q_pos - k_pos < window  # banded: the last `window` positions only
     return to_device(np.where(visible, 0.0, -np.inf).astype(dtype), xp)  # (Tq, Tk)
+
+
+def attend(q, kT, v, mask, dropout=None):
+    """The attention step both paths share: softmax(q k^T / sqrt(hs) + mask) v.
+
+    q (B, Hkv, G*Tq, hs): the G query heads of each kv head stacked along time;
+    kT (B, Hkv, hs, Tk); v (B, Hkv, Tk, hs); mask (Tq, Tk) additive, or None
+    (every key visible). Returns y (B, Hkv, G*Tq, hs), the attention weights
+    att (B, Hkv, G*Tq, Tk) (the softmax *output*, which its backward needs) and
+    att_d, the weights after `dropout` (att itself without one).
+    """
+    B, Hkv, GTq, hs = q.shape
+    att = q @ kT  # (B, Hkv, G*Tq, Tk) scores
+    att *= 1.0 / math.sqrt(hs)  # keeps the scores' variance ~1 (Vaswani et al. 3.2.1)
+    if mask is not None:
+        Tq, Tk = mask.shape
+        # the same (Tq, Tk) mask for each of the G stacked heads: add through a view
+        att.reshape(B, Hkv, GTq // Tq, Tq, Tk)[...] += mask  # invisible -> -inf
+    # over the keys; each row has a finite entry (a query always sees itself)
+    softmax(att, out=att)  # (B, Hkv, G*Tq, Tk) weights, rows sum to 1
+    att_d = att if dropout is None else dropout.forward(att)
+    return att_d @ v, att, att_d  # y (B, Hkv, G*Tq, hs)
 
 
 class CausalSelfAttention(Module):
@@ -64,9 +91,8 @@ class CausalSelfAttention(Module):
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  bias: bool = True, dropout: float = 0.0, rope_theta: float | None = None,
-                 max_positions: int | None = None, sliding_window: int | None = None,
-                 proj_init_std: float = 0.02, rng=None, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
+                 max_positions: int | None = None, sliding_window: int | None = None, rng=None):
+        super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads != 0:
             raise ValueError(f"d_model ({d_model}) must be divisible by n_heads ({n_heads})")
@@ -75,22 +101,19 @@ class CausalSelfAttention(Module):
                              f"({n_kv_heads})")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
-        rng = make_rng(rng)
+        rng = init_rng(rng)
         self.d_model, self.n_heads, self.head_size = d_model, n_heads, d_model // n_heads
         self.n_kv_heads, self.sliding_window = n_kv_heads, sliding_window
-        kw = dict(device=device, dtype=dtype)
         qkv_out = (n_heads + 2 * n_kv_heads) * self.head_size
-        self.qkv = Linear(d_model, qkv_out, bias=bias, rng=rng, **kw)
-        self.proj = Linear(d_model, d_model, bias=bias, init_std=proj_init_std, rng=rng, **kw)
-        self.attn_drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
-        self.resid_drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
+        self.qkv = Linear(d_model, qkv_out, bias=bias, rng=rng)
+        self.proj = Linear(d_model, d_model, bias=bias, rng=rng)
+        self.attn_drop = Dropout(dropout, seed=rng.integers(2**32))
+        self.resid_drop = Dropout(dropout, seed=rng.integers(2**32))
         self.rope = None
         if rope_theta is not None:
             if max_positions is None:
                 raise ValueError("RoPE needs max_positions (the context length) for its tables")
-            self.rope = RotaryEmbedding(self.head_size, max_positions, rope_theta, **kw)
-        self._masks = {}  # (T, backend, dtype) -> (G*T, T) additive mask (0 or -inf)
-        self._cache = None
+            self.rope = RotaryEmbedding(self.head_size, max_positions, rope_theta)
 
     def extra_repr(self) -> str:
         parts = [f"heads={self.n_heads}"]
@@ -119,18 +142,19 @@ class CausalSelfAttention(Module):
         B, T = att.shape[0], att.shape[-1]
         return att.reshape(B, self.n_heads, T, T)  # query head h = kv head * G + g
 
-    def causal_mask(self, T: int, xp, dtype):
-        """(T, T) additive mask: 0 where key position <= query position (and within
-        the sliding window, if any), -inf elsewhere."""
-        return self._grouped_mask(T, xp, dtype)[:T]
+    def mask(self, q_pos, k_pos, xp, dtype):
+        """(Tq, Tk) additive mask for queries at positions q_pos and keys at k_pos:
+        0 where the key is visible (not in the future, and within the sliding
+        window if there is one), -inf elsewhere.
 
-    def _grouped_mask(self, T: int, xp, dtype):
-        """The (T, T) mask repeated for the G query heads stacked in a group: (G*T, T)."""
-        key = (T, xp.__name__, str(dtype))
-        if key not in self._masks:
-            mask = attention_mask(np.arange(T), np.arange(T), self.sliding_window, xp, dtype)
-            self._masks[key] = xp.tile(mask, (self.group_size, 1))  # (G*T, T)
-        return self._masks[key]
+        The one place that decides what attention may see: `forward` and
+        `forward_cached` both call it. Assign a function of the same signature
+        to an instance's `mask` to experiment (for example, no mask at all)."""
+        return attention_mask(q_pos, k_pos, self.sliding_window, xp, dtype)
+
+    def causal_mask(self, T: int, xp, dtype):
+        """(T, T) mask of a training forward over positions 0..T-1 (see `mask`)."""
+        return self.mask(np.arange(T), np.arange(T), xp, dtype)
 
     def _split_heads(self, qkv, B: int, T: int):
         """(B, T, (H + 2 Hkv) hs) -> q (B, H, T, hs), k and v (B, Hkv, T, hs)."""
@@ -140,6 +164,10 @@ class CausalSelfAttention(Module):
         v = qkv[..., (H + Hkv) * hs:].reshape(B, T, Hkv, hs).transpose(0, 2, 1, 3)
         return q, k, v
 
+    def _merge_heads(self, y, B: int, T: int):
+        """(B, Hkv, G*T, hs) grouped heads -> (B, T, C), the heads side by side."""
+        return y.reshape(B, -1, T, self.head_size).transpose(0, 2, 1, 3).reshape(B, T, -1)
+
     def forward(self, x):
         xp = xp_of(x)
         B, T, C = x.shape
@@ -147,32 +175,21 @@ class CausalSelfAttention(Module):
         q, k, v = self._split_heads(self.qkv.forward(x), B, T)  # (B, H|Hkv, T, hs)
         if self.rope is not None:
             q, k = self.rope.rotate(q), self.rope.rotate(k)  # positions 0..T-1
-        # Contiguous operands: batched matmuls on transposed views are slow with
-        # multi-threaded OpenBLAS (see PERF_NOTES), so pay one copy each. The G
-        # query heads of a group are stacked along time: (B, H, T, hs) is
-        # (B, Hkv, G, T, hs) in memory, read as (B, Hkv, G*T, hs).
+        # Contiguous operands: batched matmuls on transposed views are several
+        # times slower with multi-threaded OpenBLAS (CONTRIBUTING.md, benchmarks),
+        # so pay one copy each. The G query heads of a group are stacked along
+        # time: (B, H, T, hs) is (B, Hkv, G, T, hs) in memory, read as (B, Hkv, G*T, hs).
         q = xp.ascontiguousarray(q).reshape(B, Hkv, G * T, hs)  # (B, Hkv, G*T, hs)
         kT = xp.ascontiguousarray(k.transpose(0, 1, 3, 2))  # (B, Hkv, hs, T)
         v = xp.ascontiguousarray(v)  # (B, Hkv, T, hs)
-
-        att = q @ kT  # (B, Hkv, G*T, T) scores
-        att *= 1.0 / math.sqrt(hs)  # keeps the scores' variance ~1 (Vaswani et al. 3.2.1)
-        att += self._grouped_mask(T, xp, att.dtype)  # invisible positions -> -inf
-        # softmax over the keys, stabilised by subtracting the row max (a finite
-        # number: the diagonal is never masked)
-        att -= att.max(axis=-1, keepdims=True)
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)  # (B, Hkv, G*T, T) weights, rows sum to 1
-        att_d = self.attn_drop.forward(att)  # (B, Hkv, G*T, T)
-
-        y = att_d @ v  # (B, Hkv, G*T, hs)
-        y = y.reshape(B, -1, T, hs).transpose(0, 2, 1, 3).reshape(B, T, C)  # heads side by side
+        positions = np.arange(T)
+        mask = self.mask(positions, positions, xp, x.dtype)  # (T, T)
+        y, att, att_d = attend(q, kT, v, mask, self.attn_drop)  # (B, Hkv, G*T, hs)
         self._cache = (q, kT, v, att, att_d)  # att_d is att itself without dropout
-        return self.resid_drop.forward(self.proj.forward(y))  # (B, T, C)
+        return self.resid_drop.forward(self.proj.forward(self._merge_heads(y, B, T)))  # (B, T, C)
 
     def backward(self, dout):
-        q, kT, v, att, att_d = self._need_cache(self._cache)
-        self._cache = None
+        q, kT, v, att, att_d = self._take_cache()
         xp = xp_of(dout)
         B, T, C = dout.shape
         H, Hkv, G, hs = self.n_heads, self.n_kv_heads, self.group_size, self.head_size
@@ -201,7 +218,7 @@ class CausalSelfAttention(Module):
             dq, dk = self.rope.rotate(dq, inverse=True), self.rope.rotate(dk, inverse=True)
 
         # back through the head split: (B, heads, T, hs) -> (B, T, heads * hs), then [q | k | v]
-        dqkv = xp.concatenate([_merge_heads(dq), _merge_heads(dk), _merge_heads(dv)], axis=-1)
+        dqkv = xp.concatenate([_heads_last(dq), _heads_last(dk), _heads_last(dv)], axis=-1)
         return self.qkv.backward(dqkv)  # (B, T, C)
 
     # -- inference with a KV cache (tinylm/nn/kv_cache.py) -------------------
@@ -212,11 +229,10 @@ class CausalSelfAttention(Module):
 
         Adds this chunk's k, v to the cache (keys after RoPE: a cached key keeps
         the rotation of its own position) and attends over the keys the cache
-        returns: query i (position pos+i) sees keys j <= pos+i, within the
-        window if there is one. t = 1 is one decoding step, a larger t at pos = 0
-        the prefill of a prompt. Same math as `forward`, so the outputs equal its
-        rows pos..pos+t-1. Keeps no backward cache and applies no dropout (the
-        caller is in eval mode, where dropout is the identity).
+        returns, through the same `mask` and `attend` as `forward`, in true
+        positions, so the outputs equal its rows pos..pos+t-1. t = 1 is one
+        decoding step, a larger t at pos = 0 the prefill of a prompt. Keeps no
+        backward cache and applies no dropout (the caller is in eval mode).
         """
         xp = xp_of(x)
         B, t, C = x.shape
@@ -227,26 +243,12 @@ class CausalSelfAttention(Module):
         k, v, first = cache.update(layer, k, v, pos)  # (B, Hkv, n, hs): positions first..pos+t-1
         n = k.shape[2]
         q = xp.ascontiguousarray(q).reshape(B, Hkv, G * t, hs)  # (B, Hkv, G*t, hs)
-
-        att = q @ k.swapaxes(-1, -2)  # (B, Hkv, G*t, n) scores
-        att *= 1.0 / math.sqrt(hs)
-        if t > 1 or (self.sliding_window is not None and n > self.sliding_window):
-            # a single query (t = 1) without a window is the newest position and may
-            # see every key; otherwise mask as `forward` does, in true positions.
-            # Built per call, not memoised: prefill lengths vary.
-            q_pos, k_pos = np.arange(pos, pos + t), np.arange(first, first + n)
-            mask = attention_mask(q_pos, k_pos, self.sliding_window, xp, att.dtype)  # (t, n)
-            att += xp.tile(mask, (G, 1))  # (G*t, n)
-        att -= att.max(axis=-1, keepdims=True)  # softmax over the keys, as in forward
-        xp.exp(att, out=att)
-        att /= att.sum(axis=-1, keepdims=True)  # (B, Hkv, G*t, n)
-
-        y = att @ v  # (B, Hkv, G*t, hs)
-        y = y.reshape(B, -1, t, hs).transpose(0, 2, 1, 3).reshape(B, t, C)  # heads side by side
-        return self.proj.forward(y)  # (B, t, C)
+        mask = self.mask(np.arange(pos, pos + t), np.arange(first, first + n), xp, x.dtype)
+        y, _, _ = attend(q, k.swapaxes(-1, -2), v, mask)  # (B, Hkv, G*t, hs)
+        return self.proj.forward(self._merge_heads(y, B, t))  # (B, t, C)
 
 
-def _merge_heads(a):
+def _heads_last(a):
     """(B, heads, T, hs) -> (B, T, heads * hs): the inverse of the head split."""
     B, n, T, hs = a.shape
     return a.transpose(0, 2, 1, 3).reshape(B, T, n * hs)
@@ -257,6 +259,5 @@ def _transposed(a):
 
     Same values as `a.swapaxes(-1, -2)`; the copy is for speed only: batched
     matmuls on transposed views run several times slower with multi-threaded
-    OpenBLAS on this project's 2-core machine (see PERF_NOTES), and the copy is
-    cheap next to the matmul it feeds."""
+    OpenBLAS on small machines, and the copy is cheap next to the matmul it feeds."""
     return xp_of(a).ascontiguousarray(a.swapaxes(-1, -2))

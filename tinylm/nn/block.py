@@ -11,12 +11,10 @@ GPT-2's block is pre-norm with a GELU MLP. The variants a GPTConfig can pick:
 from __future__ import annotations
 
 from tinylm.nn.attention import CausalSelfAttention
-from tinylm.nn.mlp import MLP, SwiGLU, make_mlp
-from tinylm.nn.module import Module, make_rng
+from tinylm.nn.mlp import make_mlp
+from tinylm.nn.module import Module, init_rng
 from tinylm.nn.moe import MoE
 from tinylm.nn.norm import make_norm
-
-__all__ = ["Block", "MLP", "SwiGLU"]  # MLP is defined in mlp.py, kept importable from here
 
 
 class Block(Module):
@@ -31,7 +29,8 @@ class Block(Module):
         x = ln2(x + mlp(x))      (2')
 
     Each `x + f(x)` forks x into two paths, so in backward the gradient of x is
-    the sum of the straight-through path and the branch's gradient (STYLE.md 5).
+    the sum of the straight-through path and the branch's gradient, added
+    exactly where the fork is.
     Pre-norm keeps that straight path free of any layer, which is why deep
     pre-norm stacks train without warmup tricks (Xiong et al. 2020).
 
@@ -43,20 +42,18 @@ class Block(Module):
     def __init__(self, d_model: int, n_heads: int, *, bias: bool = True, dropout: float = 0.0,
                  norm: str = "layernorm", norm_eps: float = 1e-5, norm_placement: str = "pre",
                  mlp: str = "gelu", mlp_hidden: int | None = None, n_experts: int = 0,
-                 experts_per_token: int = 2, moe_aux_loss_coef: float = 0.01,
-                 proj_init_std: float = 0.02, rng=None, device="cpu", dtype="float32",
+                 experts_per_token: int = 2, moe_aux_loss_coef: float = 0.01, rng=None,
                  **attn_kw):
-        super().__init__(device, dtype)
+        super().__init__()
         if norm_placement not in ("pre", "post"):
             raise ValueError(f"norm_placement must be 'pre' or 'post', got {norm_placement!r}")
-        rng = make_rng(rng)
-        kw = dict(device=device, dtype=dtype)
+        rng = init_rng(rng)
         self.pre_norm = norm_placement == "pre"
-        self.ln1 = make_norm(norm, d_model, eps=norm_eps, bias=bias, **kw)
-        self.attn = CausalSelfAttention(d_model, n_heads, bias=bias, dropout=dropout,
-                                        proj_init_std=proj_init_std, rng=rng, **attn_kw, **kw)
-        self.ln2 = make_norm(norm, d_model, eps=norm_eps, bias=bias, **kw)
-        mlp_kw = dict(bias=bias, dropout=dropout, proj_init_std=proj_init_std, rng=rng, **kw)
+        self.ln1 = make_norm(norm, d_model, eps=norm_eps, bias=bias)
+        self.attn = CausalSelfAttention(d_model, n_heads, bias=bias, dropout=dropout, rng=rng,
+                                        **attn_kw)
+        self.ln2 = make_norm(norm, d_model, eps=norm_eps, bias=bias)
+        mlp_kw = dict(bias=bias, dropout=dropout, rng=rng)
         if n_experts > 0:
             self.mlp = MoE(d_model, n_experts, experts_per_token, kind=mlp, hidden=mlp_hidden,
                            aux_loss_coef=moe_aux_loss_coef, **mlp_kw)
@@ -65,11 +62,6 @@ class Block(Module):
 
     def extra_repr(self) -> str:
         return "" if self.pre_norm else "post-norm"
-
-    @property
-    def aux_loss(self) -> float:
-        """The MoE load-balancing loss of the last forward (0.0 for a dense MLP)."""
-        return getattr(self.mlp, "aux_loss", 0.0)
 
     def forward(self, x):
         if self.pre_norm:
@@ -80,25 +72,19 @@ class Block(Module):
             x = self.ln2.forward(x + self.mlp.forward(x))  # (2')  (B, T, C)
         return x
 
-    def backward(self, dout, daux: float = 1.0):
-        """dout (B, T, C) -> dx. `daux` is the upstream gradient of the MoE's aux loss
-        (1.0: the objective is loss + aux_loss; ignored without experts)."""
+    def backward(self, dout):
+        """dout (B, T, C) -> dx (B, T, C)."""
         if self.pre_norm:
             # (2) backward: the residual passes dout through unchanged; the branch adds its part
-            dx = dout + self.ln2.backward(self._mlp_backward(dout, daux))
+            dx = dout + self.ln2.backward(self.mlp.backward(dout))
             # (1) backward, the same shape of computation
             dx = dx + self.ln1.backward(self.attn.backward(dx))
         else:
             ds = self.ln2.backward(dout)  # (2') the sum s = x + mlp(x) feeds ln2
-            dx = ds + self._mlp_backward(ds, daux)  # fork: straight path + branch
+            dx = ds + self.mlp.backward(ds)  # fork: straight path + branch
             ds = self.ln1.backward(dx)  # (1')
             dx = ds + self.attn.backward(ds)
         return dx
-
-    def _mlp_backward(self, dout, daux: float):
-        if isinstance(self.mlp, MoE):  # its router also gets the aux loss's gradient
-            return self.mlp.backward(dout, daux)
-        return self.mlp.backward(dout)
 
     def forward_cached(self, x, cache, layer: int):
         """Inference with the KV cache (see CausalSelfAttention.forward_cached): x (B, t, C)

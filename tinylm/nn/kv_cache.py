@@ -34,12 +34,11 @@ from tinylm.backend import to_device, xp_of
 class KVCache:
     """Per-layer key and value buffers of shape (B, Hkv, S, hs)."""
 
-    def __init__(self, n_layers: int, batch_size: int, n_heads: int, context_length: int,
+    def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, context_length: int,
                  head_size: int, *, window: int | None = None, xp, dtype):
-        # n_heads: the key/value heads (n_kv_heads); S: the slots each layer keeps
         self.context_length = context_length
-        self.slots = context_length if window is None else min(window, context_length)
-        shape = (batch_size, n_heads, self.slots, head_size)  # (B, Hkv, S, hs)
+        self.slots = context_length if window is None else min(window, context_length)  # S
+        shape = (batch_size, n_kv_heads, self.slots, head_size)  # (B, Hkv, S, hs)
         # zeros, not empty: the unfilled tail is never read, but a cache that is
         # printed or inspected in a notebook should not show garbage
         self.k = [xp.zeros(shape, dtype=dtype) for _ in range(n_layers)]  # (B, Hkv, S, hs) each

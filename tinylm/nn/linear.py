@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from tinylm.backend import scatter_add_rows, xp_of
-from tinylm.nn.module import Module, make_rng
+from tinylm.nn.module import Module, init_rng
 
 
 class Linear(Module):
@@ -21,14 +21,13 @@ class Linear(Module):
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 init_std: float = 0.02, rng=None, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
-        rng = make_rng(rng)
+                 init_std: float = 0.02, rng=None):
+        super().__init__()
+        rng = init_rng(rng)
         self.in_features, self.out_features = in_features, out_features
         self.add_param("weight", rng.standard_normal((in_features, out_features)) * init_std)
         if bias:
             self.add_param("bias", np.zeros(out_features))
-        self._x = None
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, bias={'bias' in self.params}"
@@ -39,7 +38,7 @@ class Linear(Module):
             raise ValueError(
                 f"Linear expects inputs with last dimension {self.in_features}, got shape {x.shape}"
             )
-        self._x = x  # cached: the weight gradient needs the input
+        self._cache = x  # the weight gradient needs the input
         # one 2-D matmul over all rows: NumPy runs (B,T,C) @ (C,D) as B separate
         # products, which is up to 2x slower than (B*T, C) @ (C, D)
         y = x.reshape(-1, self.in_features) @ self.params["weight"]  # (N, out)
@@ -48,8 +47,7 @@ class Linear(Module):
         return y.reshape(*x.shape[:-1], self.out_features)  # (..., out)
 
     def backward(self, dout):
-        x = self._need_cache(self._x)
-        self._x = None
+        x = self._take_cache()
         x2 = x.reshape(-1, self.in_features)  # (N, in)
         d2 = dout.reshape(-1, self.out_features)  # (N, out)
         # y = x @ W + b  =>  dW = x^T dy,  db = sum over rows of dy,  dx = dy W^T
@@ -68,12 +66,11 @@ class Embedding(Module):
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, init_std: float = 0.02,
-                 rng=None, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
-        rng = make_rng(rng)
+                 rng=None):
+        super().__init__()
+        rng = init_rng(rng)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.add_param("weight", rng.standard_normal((num_embeddings, embedding_dim)) * init_std)
-        self._ids = None
 
     def extra_repr(self) -> str:
         return f"num={self.num_embeddings}, dim={self.embedding_dim}"
@@ -81,12 +78,11 @@ class Embedding(Module):
     def forward(self, ids):
         # ids (...) integers -> (..., dim)
         check_ids(ids, self.num_embeddings, "Embedding")
-        self._ids = ids
+        self._cache = ids  # the backward scatters into these rows
         return self.params["weight"][ids]
 
     def backward(self, dout):
-        ids = self._need_cache(self._ids)
-        self._ids = None
+        ids = self._take_cache()
         # out[n] = W[ids[n]]  =>  dW[v] = sum of dout[n] over all n with ids[n] == v
         d2 = dout.reshape(-1, self.embedding_dim)  # (N, dim)
         scatter_add_rows(self.grads["weight"], ids.reshape(-1), d2)

@@ -16,25 +16,22 @@ target distribution q = (1 - eps) * onehot(y) + eps / V:
 from __future__ import annotations
 
 from tinylm.backend import xp_of
+from tinylm.nn.module import Module
 
 
-class SoftmaxCrossEntropy:
+class SoftmaxCrossEntropy(Module):
     """`forward(logits (B,T,V) or (N,V), targets (B,T) or (N,)) -> float`; `backward() -> dlogits`.
 
     Cache: the softmax probabilities p (N, V), the targets and the valid-row mask.
-    No parameters (it has empty `params`/`grads` so it can be checked like a layer).
+    No parameters: a layer like the others, so it can be checked like one.
     """
 
     def __init__(self, label_smoothing: float = 0.0, ignore_index: int = -100):
         if not 0.0 <= label_smoothing <= 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+        super().__init__()
         self.label_smoothing = float(label_smoothing)
         self.ignore_index = int(ignore_index)
-        self.params, self.grads = {}, {}
-        self._cache = None
-
-    def parameters(self, prefix=""):
-        return iter(())
 
     def forward(self, logits, targets) -> float:
         xp = xp_of(logits)
@@ -59,7 +56,8 @@ class SoftmaxCrossEntropy:
             )
         y_safe = xp.where(valid, y, 0)  # ignored rows read column 0, then get weight 0
 
-        # log-softmax, stabilised: subtracting the row max does not change it (log-sum-exp trick)
+        # log-softmax and softmax together (both are needed: the loss reads log p, the
+        # backward p), stabilised: subtracting the row max changes neither (log-sum-exp)
         shifted = z - z.max(axis=-1, keepdims=True)  # (N, V)
         p = xp.exp(shifted)  # (N, V) unnormalised
         sumexp = p.sum(axis=-1, keepdims=True)  # (N, 1)
@@ -76,10 +74,7 @@ class SoftmaxCrossEntropy:
         return float((per_row * valid).sum()) / n_valid
 
     def backward(self, dloss=1.0):
-        if self._cache is None:
-            raise RuntimeError("SoftmaxCrossEntropy.backward called without a matching forward")
-        p, y, valid, n_valid, shape = self._cache
-        self._cache = None
+        p, y, valid, n_valid, shape = self._take_cache()
         xp = xp_of(p)
         N, V = p.shape
         # dloss/dz = (p - q) / n_valid with q = (1 - eps) onehot(y) + eps / V

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tinylm.nn.activation import GELU, Dropout, ReLU, SiLU
 from tinylm.nn.linear import Linear
-from tinylm.nn.module import Module, make_rng
+from tinylm.nn.module import Module, init_rng
 
 ACTIVATIONS = {"gelu": GELU, "relu": ReLU}
 
@@ -14,23 +14,16 @@ class MLP(Module):
     GPT-2 uses hidden = 4C."""
 
     def __init__(self, d_model: int, hidden: int | None = None, *, activation: str = "gelu",
-                 bias: bool = True, dropout: float = 0.0, proj_init_std: float = 0.02, rng=None,
-                 device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
+                 bias: bool = True, dropout: float = 0.0, rng=None):
+        super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        rng = make_rng(rng)
+        rng = init_rng(rng)
         hidden = 4 * d_model if hidden is None else hidden
-        kw = dict(device=device, dtype=dtype)
-        self.fc = Linear(d_model, hidden, bias=bias, rng=rng, **kw)
-        self.act = ACTIVATIONS[activation](**kw)
-        self.proj = Linear(hidden, d_model, bias=bias, init_std=proj_init_std, rng=rng, **kw)
-        self.drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
-
-    @property
-    def gelu(self):
-        """The activation layer under its GPT-2 name (older code and notebooks use it)."""
-        return self.act
+        self.fc = Linear(d_model, hidden, bias=bias, rng=rng)
+        self.act = ACTIVATIONS[activation]()
+        self.proj = Linear(hidden, d_model, bias=bias, rng=rng)
+        self.drop = Dropout(dropout, seed=rng.integers(2**32))
 
     def forward(self, x):
         # x (..., C) -> (..., hidden) -> (..., C)
@@ -53,16 +46,14 @@ class SwiGLU(Module):
     """
 
     def __init__(self, d_model: int, hidden: int, *, bias: bool = False, dropout: float = 0.0,
-                 proj_init_std: float = 0.02, rng=None, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
-        rng = make_rng(rng)
-        kw = dict(device=device, dtype=dtype)
-        self.gate = Linear(d_model, hidden, bias=bias, rng=rng, **kw)
-        self.up = Linear(d_model, hidden, bias=bias, rng=rng, **kw)
-        self.act = SiLU(**kw)
-        self.down = Linear(hidden, d_model, bias=bias, init_std=proj_init_std, rng=rng, **kw)
-        self.drop = Dropout(dropout, seed=rng.integers(2**32), **kw)
-        self._cache = None
+                 rng=None):
+        super().__init__()
+        rng = init_rng(rng)
+        self.gate = Linear(d_model, hidden, bias=bias, rng=rng)
+        self.up = Linear(d_model, hidden, bias=bias, rng=rng)
+        self.act = SiLU()
+        self.down = Linear(hidden, d_model, bias=bias, rng=rng)
+        self.drop = Dropout(dropout, seed=rng.integers(2**32))
 
     def forward(self, x):
         # x (..., C)
@@ -72,8 +63,7 @@ class SwiGLU(Module):
         return self.drop.forward(self.down.forward(a * u))  # (..., C)
 
     def backward(self, dout):
-        a, u = self._need_cache(self._cache)
-        self._cache = None
+        a, u = self._take_cache()
         dh = self.down.backward(self.drop.backward(dout))  # (..., hidden), gradient of a * u
         # h = a * u  =>  da = dh * u,  du = dh * a
         da, du = dh * u, dh * a

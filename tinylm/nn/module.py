@@ -4,15 +4,22 @@ A tinylm layer is a plain object with
 
     params: dict[str, array]   its own parameters, e.g. {"weight": (C, D), "bias": (D,)}
     grads:  dict[str, array]   same keys and shapes, where backward *adds* gradients
-    forward(*inputs) -> output        keeps what backward needs in a small cache
+    forward(*inputs) -> output        keeps what backward needs in `self._cache`
     backward(dout) -> dinput          uses the cache, frees it, returns the input gradient
+    to(device, dtype) -> self         moves every parameter (the one way to change either)
 
 Sub-layers are found by looking at the attributes (a layer, or a list of layers),
 so `GPT.blocks[0].attn.qkv.params["weight"]` is named
 "blocks.0.attn.qkv.weight", exactly as in a PyTorch `state_dict`.
 
 Parameter and gradient arrays are never replaced, only updated in place
-(`p -= ...`, `g[...] = 0`), so an optimizer can hold references to them.
+(`p -= ...`, `g[...] = 0`), so an optimizer can hold references to them. The one
+exception is `to`, which makes new arrays on the new device or in the new dtype:
+call it before creating the optimizer, as with PyTorch's `.to`.
+
+Parameters are made in one place, `add_param`, on the host in float32; layers
+never take a device or dtype. The math takes `xp` and the dtype from its
+inputs, so a layer computes wherever its parameters and inputs live.
 """
 
 from __future__ import annotations
@@ -21,27 +28,50 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from tinylm.backend import get_xp, host_rng, resolve_dtype
+from tinylm.backend import get_xp, host_rng, resolve_dtype, to_device, to_numpy, xp_of
 
 
 class Module:
-    """Base class for layers. Subclasses call `super().__init__(device, dtype)` first."""
+    """Base class for layers. Subclasses call `super().__init__()` first."""
 
-    def __init__(self, device: str = "cpu", dtype="float32"):
-        self.xp = get_xp(device)
-        self.dtype = resolve_dtype(dtype)
+    # True for layers whose forward also computes an auxiliary loss (MoE's load
+    # balancing): they set `aux_loss` (a float) in forward, and their backward adds
+    # `aux_grad` (the loss's upstream gradient, 1.0 unless a model says otherwise)
+    # times its gradient. `aux_layers()` finds them.
+    has_aux_loss = False
+
+    def __init__(self):
+        self.xp = np  # where the parameters live (`to` changes it)
+        self.dtype = np.dtype("float32")
         self.params: dict = {}
         self.grads: dict = {}
+        self.buffers: dict = {}  # arrays that move with the layer but are not trained
         self.training = True
+        self._cache = None  # what forward keeps for backward (each layer documents it)
 
     # -- parameters -----------------------------------------------------
 
     def add_param(self, name: str, value: np.ndarray) -> None:
-        """Register a parameter (a host array, moved to the device) and its zero gradient."""
-        p = value.astype(self.dtype)
-        p = p if self.xp is np else self.xp.asarray(p)
+        """Register a parameter (a host array) and its zero gradient."""
+        p = to_device(np.asarray(value).astype(self.dtype), self.xp)
         self.params[name] = p
         self.grads[name] = self.xp.zeros_like(p)
+
+    def to(self, device: str | None = None, dtype=None) -> Module:
+        """Move every parameter, gradient and buffer of this layer tree to `device`
+        ("cpu", "cuda", "auto") and/or cast it to `dtype`; returns self.
+
+        The arrays are replaced (other devices need other arrays), so call it
+        before an optimizer takes references to them."""
+        xp = self.xp if device is None else get_xp(device)
+        dtype = self.dtype if dtype is None else resolve_dtype(dtype)
+        for m in self.modules():
+            for store in (m.params, m.grads, m.buffers):
+                for name, a in store.items():
+                    if xp_of(a) is not xp or a.dtype != dtype:
+                        store[name] = to_device(to_numpy(a).astype(dtype), xp)
+            m.xp, m.dtype = xp, dtype
+        return self
 
     def children(self) -> Iterator[tuple[str, Module]]:
         """Direct sub-layers, in the order they were assigned: (name, layer)."""
@@ -71,6 +101,20 @@ class Module:
     def zero_grad(self) -> None:
         for _, _, g in self.parameters():
             g.fill(0)
+
+    def aux_layers(self) -> list[Module]:
+        """The layers in this tree that add an auxiliary loss (see `has_aux_loss`)."""
+        return [m for m in self.modules() if m.has_aux_loss]
+
+    def clear_backward_caches(self) -> None:
+        """Drop what the last forward kept for backward, in every layer of the tree.
+
+        Inference calls this so that a forward does not pin a full set of
+        activations until the next training step; a `backward` after it raises
+        the usual "without a matching forward" error instead of using the
+        activations of some other input."""
+        for m in self.modules():
+            m._cache = None
 
     # -- modes ------------------------------------------------------------
 
@@ -110,8 +154,10 @@ class Module:
     def backward(self, dout):
         raise NotImplementedError
 
-    def _need_cache(self, cache):
-        """The cache forward left behind, or a clear error when backward comes first."""
+    def _take_cache(self):
+        """The cache forward left behind, now freed (each forward's cache serves
+        exactly one backward), or a clear error when backward comes first."""
+        cache, self._cache = self._cache, None
         if cache is None:
             raise RuntimeError(
                 f"{type(self).__name__}.backward called without a matching forward "
@@ -120,6 +166,7 @@ class Module:
         return cache
 
 
-def make_rng(rng) -> np.random.Generator:
-    """Accept a Generator, a seed, or None (seed 0) for a layer's initialisation."""
+def init_rng(rng) -> np.random.Generator:
+    """The generator for a layer's initial weights: a Generator as given, or a new
+    one from a seed; None means seed 0, so that a layer built twice is the same."""
     return rng if isinstance(rng, np.random.Generator) else host_rng(0 if rng is None else rng)

@@ -36,17 +36,19 @@ probabilities pushed down.
 from __future__ import annotations
 
 from tinylm.backend import xp_of
+from tinylm.nn.functional import softmax
 from tinylm.nn.linear import Linear
 from tinylm.nn.mlp import make_mlp
-from tinylm.nn.module import Module, make_rng
+from tinylm.nn.module import Module, init_rng
 
 
 class MoE(Module):
     """`router` = Linear(C, E, bias=False) and `experts.{e}`, E MLPs of kind `kind`
     ("gelu", "relu" or "swiglu"). After `forward`, `aux_loss` (a float) is this
     layer's load-balancing loss, already multiplied by `aux_loss_coef`;
-    `backward(dout, daux=1.0)` adds `daux` times its gradient, so the objective
-    whose gradient it computes is (the loss above) + daux * aux_loss, and
+    `backward(dout)` adds `aux_grad` (default 1.0) times its gradient, so the
+    objective whose gradient it computes is (the loss above) + aux_grad * aux_loss
+    (`has_aux_loss` is how a model finds such layers: see Module), and
     `choices` (N, k) are the experts each token was sent to, best first (both
     kept after backward, for plots and logs).
 
@@ -55,25 +57,24 @@ class MoE(Module):
     expert keeps its own input for its backward).
     """
 
+    has_aux_loss = True
+
     def __init__(self, d_model: int, n_experts: int, experts_per_token: int = 2, *,
                  kind: str = "gelu", hidden: int | None = None, aux_loss_coef: float = 0.01,
-                 bias: bool = True, dropout: float = 0.0, proj_init_std: float = 0.02, rng=None,
-                 device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
+                 bias: bool = True, dropout: float = 0.0, rng=None):
+        super().__init__()
         if not 1 <= experts_per_token <= n_experts:
             raise ValueError(f"experts_per_token must be in [1, n_experts={n_experts}], "
                              f"got {experts_per_token}")
-        rng = make_rng(rng)
-        kw = dict(device=device, dtype=dtype)
+        rng = init_rng(rng)
         self.d_model, self.n_experts, self.k = d_model, n_experts, experts_per_token
         self.aux_loss_coef = float(aux_loss_coef)
-        self.router = Linear(d_model, n_experts, bias=False, rng=rng, **kw)
-        self.experts = [make_mlp(kind, d_model, hidden, bias=bias, dropout=dropout,
-                                 proj_init_std=proj_init_std, rng=rng, **kw)
+        self.router = Linear(d_model, n_experts, bias=False, rng=rng)
+        self.experts = [make_mlp(kind, d_model, hidden, bias=bias, dropout=dropout, rng=rng)
                         for _ in range(n_experts)]
-        self.aux_loss = 0.0
+        self.aux_loss = 0.0  # the load-balancing loss of the last forward
+        self.aux_grad = 1.0  # its upstream gradient in backward (a model may set 1/k)
         self.choices = None  # (N, k) expert ids of the last forward
-        self._cache = None
 
     def extra_repr(self) -> str:
         return f"experts={self.n_experts}, per_token={self.k}"
@@ -84,8 +85,7 @@ class MoE(Module):
         x2 = x.reshape(-1, C)  # (N, C) every token on its own
         N = x2.shape[0]
         r = self.router.forward(x2)  # (N, E) router logits
-        p = xp.exp(r - r.max(axis=-1, keepdims=True))
-        p /= p.sum(axis=-1, keepdims=True)  # (N, E) router probabilities
+        p = softmax(r)  # (N, E) router probabilities
         top = xp.argsort(-p, axis=-1, kind="stable")[:, :k]  # (N, k) chosen experts, best first
         token = xp.arange(N)[:, None]  # (N, 1) row index for the (N, k) gather
         p_top = p[token, top]  # (N, k) their probabilities
@@ -113,9 +113,8 @@ class MoE(Module):
         self._cache = (p, top, w, f, outputs, shape)
         return y.reshape(shape)
 
-    def backward(self, dout, daux: float = 1.0):
-        p, top, w, f, outputs, shape = self._need_cache(self._cache)
-        self._cache = None
+    def backward(self, dout):
+        p, top, w, f, outputs, shape = self._take_cache()
         xp = xp_of(dout)
         C, E = self.d_model, self.n_experts
         dy = dout.reshape(-1, C)  # (N, C)
@@ -139,7 +138,7 @@ class MoE(Module):
         dp = xp.zeros_like(p)  # (N, E): only the chosen experts' probabilities were used...
         dp[token, top] = dp_top  # (a token's k experts are distinct: no collisions)
         # ...and every probability is in the aux loss: d aux / d p[n, e] = coef E f_e / N
-        dp += (daux * self.aux_loss_coef * E / N) * f  # (E,) broadcast over tokens
+        dp += (self.aux_grad * self.aux_loss_coef * E / N) * f  # (E,) broadcast over tokens
 
         # p = softmax(r)  =>  dr = p * (dp - sum_e dp_e p_e)
         dr = p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # (N, E)

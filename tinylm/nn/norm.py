@@ -18,14 +18,12 @@ class LayerNorm(Module):
     allocate it again anyway.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True, *, device="cpu",
-                 dtype="float32"):
-        super().__init__(device, dtype)
+    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True):
+        super().__init__()
         self.dim, self.eps = dim, eps
         self.add_param("weight", np.ones(dim))
         if bias:
             self.add_param("bias", np.zeros(dim))
-        self._cache = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}, bias={'bias' in self.params}"
@@ -47,8 +45,7 @@ class LayerNorm(Module):
         return y
 
     def backward(self, dout):
-        xhat, rstd = self._need_cache(self._cache)
-        self._cache = None
+        xhat, rstd = self._take_cache()
         C = self.dim
         lead = tuple(range(dout.ndim - 1))  # every axis but the last
         # y = xhat * w + b  =>  dw = sum dy * xhat,  db = sum dy,  dxhat = dy * w
@@ -77,11 +74,10 @@ class RMSNorm(Module):
     rrms = 1/rms(x), as LayerNorm keeps xhat and rstd.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, *, device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
+    def __init__(self, dim: int, eps: float = 1e-5):
+        super().__init__()
         self.dim, self.eps = dim, eps
         self.add_param("weight", np.ones(dim))
-        self._cache = None
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, eps={self.eps}"
@@ -98,8 +94,7 @@ class RMSNorm(Module):
         return xhat * self.params["weight"]
 
     def backward(self, dout):
-        xhat, rrms = self._need_cache(self._cache)
-        self._cache = None
+        xhat, rrms = self._take_cache()
         lead = tuple(range(dout.ndim - 1))  # every axis but the last
         # y = xhat * w  =>  dw = sum dy * xhat,  dxhat = dy * w
         self.grads["weight"] += (dout * xhat).sum(axis=lead)
@@ -114,11 +109,10 @@ class RMSNorm(Module):
         return dx
 
 
-def make_norm(kind: str, dim: int, *, eps: float = 1e-5, bias: bool = True, device="cpu",
-              dtype="float32") -> Module:
+def make_norm(kind: str, dim: int, *, eps: float = 1e-5, bias: bool = True) -> Module:
     """The normalisation layer a config names: "layernorm" or "rmsnorm" (which has no bias)."""
     if kind == "layernorm":
-        return LayerNorm(dim, eps, bias=bias, device=device, dtype=dtype)
+        return LayerNorm(dim, eps, bias=bias)
     if kind == "rmsnorm":
-        return RMSNorm(dim, eps, device=device, dtype=dtype)
+        return RMSNorm(dim, eps)
     raise ValueError(f"norm must be 'layernorm' or 'rmsnorm', got {kind!r}")

@@ -78,9 +78,10 @@ class RotaryEmbedding(Module):
     """Rotates queries or keys (B, H, T, hs) by their positions; no parameters.
 
     Keeps cos and sin tables (n, hs), computed in float64 on the host and moved
-    to the device in the layer's dtype: for the first min(max_positions, 2048)
-    positions at once, and extended on demand up to max_positions (a checkpoint
-    may allow 131072 positions, and every layer has its own tables).
+    to the input's device in the input's dtype (one pair of tables per device
+    and dtype, so the layer needs no `to`): for the first min(max_positions,
+    2048) positions at first, extended on demand up to max_positions (a
+    checkpoint may allow 131072 positions, and every layer has its own tables).
     `rotate(x, start)` treats x's T rows as positions start..start+T-1 (the KV
     cache rotates new keys at their true positions).
 
@@ -90,22 +91,38 @@ class RotaryEmbedding(Module):
     k) and `rotate(..., inverse=True)` on their gradients, and needs no cache.
     """
 
-    def __init__(self, head_size: int, max_positions: int, theta: float = 10000.0, *,
-                 device="cpu", dtype="float32"):
-        super().__init__(device, dtype)
+    def __init__(self, head_size: int, max_positions: int, theta: float = 10000.0):
+        super().__init__()
         self.head_size, self.max_positions, self.theta = head_size, max_positions, theta
-        self.cos = self.sin = None
-        self._tables(min(max_positions, 2048))
-        self._cache = None
+        self._tables = {}  # (array module name, dtype) -> (cos, sin), each (n, hs)
+        self._last = None  # the key of the tables used last
 
-    def _tables(self, n: int):
-        """cos, sin (n', hs) with n' >= n rows; (re)built, at least doubled, when short."""
-        if self.cos is None or len(self.cos) < n:
-            size = min(max(n, 2 * (0 if self.cos is None else len(self.cos))), self.max_positions)
+    def tables(self, n: int, xp, dtype):
+        """cos, sin (n', hs) with n' >= n rows on `xp` in `dtype`; (re)built, at least
+        doubled, when short."""
+        key = (xp.__name__, str(dtype))
+        have = len(self._tables[key][0]) if key in self._tables else 0
+        if have < n:
+            size = min(max(n, 2048, 2 * have), self.max_positions)
             angles = rope_angles(size, self.head_size, self.theta)  # (size, hs)
-            self.cos = to_device(np.cos(angles).astype(self.dtype), self.xp)  # (size, hs)
-            self.sin = to_device(np.sin(angles).astype(self.dtype), self.xp)  # (size, hs)
-        return self.cos, self.sin
+            cos = to_device(np.cos(angles).astype(dtype), xp)  # (size, hs)
+            sin = to_device(np.sin(angles).astype(dtype), xp)  # (size, hs)
+            self._tables[key] = (cos, sin)
+        self._last = key
+        return self._tables[key]
+
+    @property
+    def cos(self):
+        """The cos table (n, hs) used last (for plots; built in the layer's dtype if none was)."""
+        return self._latest()[0]
+
+    @property
+    def sin(self):
+        """The sin table (n, hs) used last."""
+        return self._latest()[1]
+
+    def _latest(self):
+        return self._tables[self._last] if self._last else self.tables(1, self.xp, self.dtype)
 
     def extra_repr(self) -> str:
         return f"head_size={self.head_size}, theta={self.theta:g}"
@@ -116,7 +133,7 @@ class RotaryEmbedding(Module):
         if start + T > self.max_positions:
             raise ValueError(f"RoPE tables cover {self.max_positions} positions, asked for "
                              f"{start}..{start + T - 1}")
-        cos, sin = self._tables(start + T)
+        cos, sin = self.tables(start + T, xp_of(x), x.dtype)
         cos, sin = cos[start:start + T], sin[start:start + T]  # (T, hs)
         return apply_rope(x, cos, -sin if inverse else sin)
 
@@ -125,6 +142,5 @@ class RotaryEmbedding(Module):
         return self.rotate(x, start)
 
     def backward(self, dout):
-        start = self._need_cache(self._cache)
-        self._cache = None
+        start = self._take_cache()
         return self.rotate(dout, start, inverse=True)  # the transpose of a rotation
