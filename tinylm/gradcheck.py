@@ -1,15 +1,15 @@
 """Check every layer's backward against finite differences (float64).
 
 For a layer y = f(x; params) pick a random upstream gradient G with y's shape
-and look at the scalar L = sum(y * G). Its gradient with respect to anything is
+and look at the scalar s = sum(y * G). Its gradient with respect to anything is
 exactly what `backward(G)` returns (for x) or adds into `grads` (for params).
 Central differences estimate the same numbers independently:
 
-    dL/dx[i] ~ (L(x + eps e_i) - L(x - eps e_i)) / (2 eps)        error O(eps^2)
+    ds/dx[i] ~ (s(x + eps e_i) - s(x - eps e_i)) / (2 eps)        error O(eps^2)
 
 Small tensors are checked element by element; large ones at a sample of
 elements plus a few random unit directions u, comparing the directional
-derivative (L(x + eps u) - L(x - eps u)) / (2 eps) with <grad, u>.
+derivative (s(x + eps u) - s(x - eps u)) / (2 eps) with <grad, u>.
 The report gives, per tensor, the largest relative error and where it is.
 
 `tinylm gradcheck` runs the whole suite (every layer, the GPT-2 model and the
@@ -131,7 +131,7 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
     forward. Everything should be float64.
 
     Layers with an auxiliary loss inside (MoE) add it to the objective, and their
-    backward adds its gradient: then L = sum(y * G) + the aux losses.
+    backward adds its gradient: then s = sum(y * G) + the aux losses.
     """
     rng = np.random.default_rng(seed)
     has_dropout = hasattr(layer, "modules")
@@ -175,7 +175,7 @@ def check_layer(layer, *inputs, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL, check_
 
 def check_model(model, idx, targets, loss_fn, *, seed=0, eps=DEFAULT_EPS, tol=DEFAULT_TOL,
                 **compare_kw) -> list[GradcheckResult]:
-    """Gradient-check a whole GPT: L = loss_fn(model(idx), targets) + model.aux_loss
+    """Gradient-check a whole GPT: s = loss_fn(model(idx), targets) + model.aux_loss
     (the MoE load-balancing loss, 0 without experts), every parameter."""
     rng = np.random.default_rng(seed)
 
