@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,11 +127,10 @@ def test_a_crash_between_the_renames_is_recovered(tmp_path, monkeypatch):
     new_model, _ = trained(seed=1)
 
     real_replace = os.replace
-    calls = []
 
     def crash_on_second_rename(src, dst):
-        calls.append((src, dst))
-        if len(calls) == 2:  # old -> .old done, .tmp -> ck not yet
+        # (every file write also ends in a rename, inside ck.tmp/: those go through)
+        if Path(dst) == path:  # ck -> ck.old done, ck.tmp -> ck not yet
             raise OSError("power cut")
         real_replace(src, dst)
 
@@ -208,7 +208,17 @@ def test_not_an_npz_and_no_pickle(saved):
 @pytest.mark.parametrize("name", ["config.json", "trainer.json", "tokenizer.json"])
 def test_bad_json(saved, name):
     (saved / name).write_text('{"format": "tinylm-check')
-    with pytest.raises(ValueError, match=f"{name}: damaged \\(not valid JSON"):
+    with pytest.raises(ValueError, match=f"{name}: .* is not valid JSON"):
+        checkpoint.load(saved)
+
+
+def test_json_goes_through_fileio(saved):
+    """Regression: checkpoints read and write JSON with tinylm.fileio, so an ambiguous
+    file (a key twice) is refused, and a save leaves no temporary file behind."""
+    assert sorted(p.name for p in saved.iterdir()) == [
+        "config.json", "model.npz", "optimizer.npz", "tokenizer.json", "trainer.json"]
+    (saved / "trainer.json").write_text('{"step": 1, "step": 2}')
+    with pytest.raises(ValueError, match="trainer.json: .*duplicate key 'step'"):
         checkpoint.load(saved)
 
 

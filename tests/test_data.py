@@ -99,6 +99,29 @@ def test_prepare_caches_memory_maps_and_splits_90_10(tmp_path, text_file):
     assert not bpe.cached and bpe.tokenizer.vocab_size == 300 and len(bpe.tokens) < 30_000
 
 
+def test_token_files_are_written_atomically_and_a_damaged_note_rebuilds(tmp_path, text_file):
+    """Regression for the move to tinylm.fileio: the .npy (header written by hand, then the
+    raw ids) equals np.save's file; nothing temporary is left; a note that is not
+    unambiguous JSON (a key twice) is a stale cache, rebuilt rather than an error."""
+    tok = CharTokenizer.train(SHAKESPEARE[:20_000])
+    n = data.encode_file(text_file, tok, tmp_path / "ids.npy", block_bytes=1000)
+    np.save(tmp_path / "ref.npy", np.array(tok.encode(SHAKESPEARE[:20_000]), dtype=np.uint16))
+    assert n == 20_000
+    assert (tmp_path / "ids.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("", encoding="utf-8")
+    assert data.encode_file(empty, tok, tmp_path / "none.npy") == 0
+    assert np.load(tmp_path / "none.npy").shape == (0,)
+
+    run = tmp_path / "run"
+    data.prepare(text_file, "char", run)
+    assert sorted(p.name for p in run.iterdir()) == ["tokens.json", "tokens.npy"]
+    note = (run / "tokens.json").read_text()
+    (run / "tokens.json").write_text(note.replace("{", '{"tokens": 1,', 1))  # "tokens" twice
+    assert not data.prepare(text_file, "char", run).cached
+    assert data.prepare(text_file, "char", run).cached
+
+
 def test_loaded_tokenizer_file(tmp_path, text_file):
     tok = BPETokenizer.train(SHAKESPEARE[:5000], 280)
     tok.save(tmp_path / "tok.json")

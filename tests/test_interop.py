@@ -25,10 +25,10 @@ from tinylm.interop import (
     load_file,
     load_hf_gpt2,
     read_header,
+    safetensors,
     save_file,
     to_hf_gpt2,
 )
-from tinylm.interop.safetensors import atomic_write
 
 FIXTURE = Path(__file__).parent / "fixtures" / "hf_gpt2"
 RTOL, ATOL = 1e-5, 1e-5  # float32 against float32
@@ -157,17 +157,19 @@ def test_truncated_or_garbage_files(tmp_path):
         assert message in str(info.value)
 
 
-def test_writes_are_atomic(tmp_path):
+def test_writes_are_atomic(tmp_path, monkeypatch):
     path = tmp_path / "w.safetensors"
     save_file({"w": np.zeros(3, dtype=np.float32)}, path)
     before = path.read_bytes()
 
-    def crash(f):
-        f.write(b"half a file")
+    def crash(f, header, arrays):
+        f.write(header)  # half a file
         raise RuntimeError("disk on fire")
 
+    monkeypatch.setattr(safetensors, "_write", crash)
     with pytest.raises(RuntimeError, match="disk on fire"):
-        atomic_write(path, crash)
+        save_file({"w": np.ones(3, dtype=np.float32)}, path)
+    monkeypatch.undo()
     assert path.read_bytes() == before  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["w.safetensors"]  # no temporary left over
     with pytest.raises(TypeError, match="cannot write dtype"):
@@ -246,6 +248,50 @@ def test_sharded_checkpoint(ckpt, expected):
     model = from_hf_gpt2(ckpt)
     np.testing.assert_allclose(model.forward(expected["idx"]), expected["logits"],
                                rtol=RTOL, atol=ATOL)
+
+
+def shard_everything_into(ckpt: Path, shard: str) -> None:
+    """An index that puts every tensor into the one file `shard` (written by the caller)."""
+    (ckpt / "model.safetensors").unlink(missing_ok=True)
+    weight_map = {k: shard for k in fixture_tensors()}
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "sub/../../outside.safetensors",
+                                   "..\\outside.safetensors", "ABSOLUTE", "C:\\x.safetensors"])
+def test_shards_outside_the_directory_are_refused(ckpt, shard):
+    """Regression: a downloaded index must not make tinylm read a file it does not own."""
+    outside = ckpt.parent / "outside.safetensors"
+    shutil.copy(ckpt / "model.safetensors", outside)
+    shard = str(outside) if shard == "ABSOLUTE" else shard
+    shard_everything_into(ckpt, shard)
+    with pytest.raises(HFCheckpointError, match="is not a file in .*ckpt") as info:
+        from_hf_gpt2(ckpt)
+    assert "model.safetensors.index.json" in str(info.value)
+
+
+def test_symlinked_shards_are_fine_and_damaged_json_names_the_file(ckpt, expected):
+    """The Hugging Face cache links a model directory's files to blobs elsewhere: allowed
+    (only the name in the index is checked). A damaged config.json or index is an
+    HFCheckpointError naming the file (read with tinylm.fileio.read_json)."""
+    blob = ckpt.parent / "blobs" / "1234abcd"
+    blob.parent.mkdir()
+    (ckpt / "model.safetensors").rename(blob)
+    (ckpt / "model-00001-of-00001.safetensors").symlink_to(blob)
+    shard_everything_into(ckpt, "model-00001-of-00001.safetensors")
+    np.testing.assert_allclose(from_hf_gpt2(ckpt).forward(expected["idx"]), expected["logits"],
+                               rtol=RTOL, atol=ATOL)
+
+    index = ckpt / "model.safetensors.index.json"
+    for content, message in (('{"weight_map": {"a": "x", "a": "y"}}', "duplicate key 'a'"),
+                             ('{"weight_map": ["x"]}', "not a safetensors index"),
+                             ("[]", "safetensors index must hold a JSON .*object")):
+        index.write_text(content)
+        with pytest.raises(HFCheckpointError, match="model.safetensors.index.json: .*" + message):
+            from_hf_gpt2(ckpt)
+    (ckpt / "config.json").write_text('{"n_embd": 32,')
+    with pytest.raises(HFCheckpointError, match="config.json: GPT-2 config is not valid JSON"):
+        from_hf_gpt2(ckpt)
 
 
 def test_half_precision_weights_are_converted(ckpt, expected):

@@ -21,7 +21,7 @@ from tinylm.backend import get_xp, to_device, to_numpy, xp_of
 from tinylm.cli import main
 from tinylm.generate_cli import text_pieces
 from tinylm.sampling import (
-    SamplingConfig,
+    SamplingSettings,
     apply_repetition_penalty,
     beam_search,
     filter_logits,
@@ -142,7 +142,7 @@ def test_filter_logits_is_pure_and_marks_removed_tokens_with_minus_inf():
 ])
 def test_bad_settings_are_errors(bad):
     with pytest.raises(ValueError):
-        SamplingConfig(**bad)
+        SamplingSettings(**bad)
     with pytest.raises(ValueError):
         filter_logits(LOGITS, **bad)
 
@@ -251,6 +251,22 @@ def test_bad_generate_arguments(bad, match):
     kwargs = dict(idx=[[1, 2]], max_new_tokens=3) | bad
     with pytest.raises(ValueError, match=match):
         generate(tiny_model(), kwargs.pop("idx"), kwargs.pop("max_new_tokens"), **kwargs)
+
+
+def test_prompt_ids_go_through_the_shared_check_and_no_seed_is_fresh_entropy():
+    """Regression for the merged helpers: prompt ids are checked by nn.linear.check_ids
+    (naming the caller and the position), eos_id by check_token_id; seed=None draws
+    from fresh entropy (it is not seed 0, as it is for weight initialisation)."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"beam_search: token id 29 at position \(1, 0\)"):
+        beam_search(model, [[1], [29]], 2)
+    with pytest.raises(TypeError, match="generate expects integer token ids"):
+        generate(model, np.array([[1.5, 2.0]]), 2)
+    with pytest.raises(ValueError, match=r"eos_id must be a token id in \[0, 29\), got -1"):
+        stream(model, [[1]], 2, eos_id=-1)
+    runs = {tuple(generate(model, [[1]], 8, seed=None)[0]) for _ in range(5)}
+    assert len(runs) > 1  # 5 runs of 8 tokens over 29 ids: all equal only if seeded alike
+    assert np.array_equal(generate(model, [[1]], 8, seed=0), generate(model, [[1]], 8, seed=0))
 
 
 # ---------------------------------------------------------------------------

@@ -225,7 +225,9 @@ def test_file_is_versioned_readable_json(tok, tmp_path):
     (('{"format": "tinylm-tokenizer", "version": 1, "type": "bpe", "pattern": null, '
       '"special_tokens": {}, "merges": [[1, 999, 256]]}'), "uses an id not defined"),
     ('{"format": "tinylm-tokenizer", "version": 1, "type": "bpe"}', "damaged"),
-    ("not json at all", "not a JSON tokenizer file"),
+    ("not json at all", "tokenizer file is not valid JSON"),
+    # (regression: read through tinylm.fileio.read_json, which refuses ambiguous files)
+    ('{"format": "tinylm-tokenizer", "format": "x"}', "duplicate key 'format'"),
 ])
 def test_load_rejects_other_files_clearly(tmp_path, content, message):
     path = tmp_path / "bad.json"
@@ -298,6 +300,14 @@ def test_from_gpt2_reports_bad_files(tmp_path):
     bad_vocab.write_text('{"a": 0}', encoding="utf-8")
     with pytest.raises(ValueError, match="not a byte-level BPE"):
         BPETokenizer.from_gpt2(bad_vocab, merges)
+    # regression: vocab.json is read by tinylm.fileio.read_json, errors name the file
+    for content, message in (('["a"]', "GPT-2 vocabulary must hold a JSON .*object"),
+                             ('{"a": 0', "GPT-2 vocabulary is not valid JSON"),
+                             ('{"a": 0, "a": 1}', "duplicate key 'a'")):
+        bad_vocab.write_text(content, encoding="utf-8")
+        with pytest.raises(ValueError, match=message) as info:
+            BPETokenizer.from_gpt2(bad_vocab, merges)
+        assert "vocab.json" in str(info.value)
 
 
 # -- tiktoken ------------------------------------------------------------------------

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinylm.fileio import write_json
+
 # name: (vocab_size, d_model, n_layers, n_heads, context_length, batch_size)
 CONFIGS = {
     "tiny": (256, 64, 2, 4, 64, 16),
@@ -174,7 +176,7 @@ def run(args) -> int:
                   flush=True)
         all_results.append({"config": name, "summary": summary, "rounds": rounds})
     if args.json:
-        Path(args.json).write_text(json.dumps(all_results, indent=2))
+        write_json(args.json, all_results)
     return 0
 
 

@@ -17,6 +17,7 @@ the GPU), so a checkpoint trained with CuPy loads on a machine without it. Every
 Atomic save (a crash at any moment leaves a complete checkpoint, old or new):
 
     1. write every file into the sibling "<name>.tmp/", fsync each file and the directory
+       (each file with `tinylm.fileio`, as every file tinylm writes)
     2. rename "<name>"      -> "<name>.old"      (the previous checkpoint, if any)
     3. rename "<name>.tmp"  -> "<name>"          (the new one, complete)
     4. delete "<name>.old"
@@ -27,7 +28,6 @@ Between 2 and 3 only "<name>.old" is there; `load` falls back to it, and the nex
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import zipfile
@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.fileio import atomic_write, fsync_dir, read_json, write_json, write_text
 from tinylm.model import GPT, GPTConfig
 
 FORMAT = "tinylm-checkpoint"
@@ -78,19 +79,18 @@ def save(path, model, optimizer=None, tokenizer=None, trainer_state=None) -> Pat
     if tokenizer is not None:
         from tinylm.tokenizer.fileformat import dumps  # the tokenizer's own JSON layout
 
-        _write_text(tmp / "tokenizer.json", dumps(tokenizer.to_dict()) + "\n")
+        write_text(tmp / "tokenizer.json", dumps(tokenizer.to_dict()) + "\n")
         files.append("tokenizer.json")
     if optimizer is not None:
         state = optimizer.state_dict() if hasattr(optimizer, "state_dict") else optimizer
         _write_npz(tmp / "optimizer.npz", _flatten_optimizer(state))
         files.append("optimizer.npz")
     if trainer_state is not None:
-        try:
-            text = json.dumps(trainer_state, indent=2, allow_nan=False)
+        try:  # write_json checks the value before it opens the file
+            write_json(tmp / "trainer.json", trainer_state)
         except (TypeError, ValueError) as exc:
             shutil.rmtree(tmp)
             raise ValueError(f"trainer_state cannot be saved as JSON: {exc}") from None
-        _write_text(tmp / "trainer.json", text + "\n")
         files.append("trainer.json")
     meta = {
         "format": FORMAT, "version": VERSION,
@@ -98,15 +98,15 @@ def save(path, model, optimizer=None, tokenizer=None, trainer_state=None) -> Pat
         "files": files,
     }
     # config.json last: a directory with a config.json listing its files is complete.
-    _write_text(tmp / "config.json", json.dumps(meta, indent=2) + "\n")
-    _fsync_dir(tmp)
+    write_json(tmp / "config.json", meta)
+    fsync_dir(tmp)
 
     if path.exists():
         if old.exists():  # a previous save finished step 3 but not step 4
             shutil.rmtree(old)
         os.replace(path, old)  # 2.
     os.replace(tmp, path)  # 3.
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
     if old.exists():
         shutil.rmtree(old)  # 4.
     return path
@@ -124,28 +124,8 @@ def _check_replaceable(path: Path) -> None:
 
 
 def _write_npz(file: Path, arrays: dict) -> None:
-    with open(file, "wb") as f:
+    with atomic_write(file) as f:
         np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text(file: Path, text: str) -> None:
-    with open(file, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make renames and new entries durable (POSIX; a no-op where unsupported)."""
-    if os.name != "posix":
-        return
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _flatten_optimizer(state: dict) -> dict:
@@ -196,10 +176,10 @@ def load(path, device: str = "cpu") -> Checkpoint:
 
     tokenizer = None
     if "tokenizer.json" in files:
-        from tinylm.tokenizer import from_dict
+        from tinylm.tokenizer import load as load_tokenizer
 
         tok_file = path / "tokenizer.json"
-        tokenizer = from_dict(_read_json(tok_file), str(tok_file))
+        tokenizer = load_tokenizer(tok_file)
         if tokenizer.vocab_size > config.vocab_size:
             raise ValueError(
                 f"{tok_file}: the tokenizer has {tokenizer.vocab_size} ids but the model "
@@ -212,7 +192,7 @@ def load(path, device: str = "cpu") -> Checkpoint:
 
     trainer_state = None
     if "trainer.json" in files:
-        trainer_state = _read_json(path / "trainer.json")
+        trainer_state = _read_trainer_json(path / "trainer.json")
     return Checkpoint(path, config, model, tokenizer, optimizer_state, trainer_state, meta)
 
 
@@ -247,13 +227,13 @@ def read_trainer_state(path) -> dict | None:
     """trainer.json of a checkpoint, or None when it has none (cheap: no arrays)."""
     path = resolve(path)
     meta = _read_config(path / "config.json")
-    return _read_json(path / "trainer.json") if "trainer.json" in meta["files"] else None
+    return _read_trainer_json(path / "trainer.json") if "trainer.json" in meta["files"] else None
 
 
 def _read_config(file: Path) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: missing (is {file.parent} a tinylm checkpoint?)")
-    meta = _read_json(file)
+    meta = read_json(file, what="checkpoint config", expect=None)  # not a dict: next line
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ValueError(f'{file}: not a tinylm checkpoint config (no "format": "{FORMAT}")')
     if meta.get("version") != VERSION:
@@ -266,13 +246,9 @@ def _read_config(file: Path) -> dict:
     return meta
 
 
-def _read_json(file: Path):
-    if not file.is_file():
-        raise FileNotFoundError(f"{file}: missing")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{file}: damaged (not valid JSON: {exc})") from None
+def _read_trainer_json(file: Path):
+    # any JSON value: `save` accepts whatever the trainer hands it
+    return read_json(file, what="trainer state", expect=None)
 
 
 def _read_npz(file: Path) -> dict[str, np.ndarray]:

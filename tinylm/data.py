@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import regex
 
+from tinylm.fileio import atomic_write, read_json, write_json
 from tinylm.tokenizer import BPETokenizer, CharTokenizer
 from tinylm.tokenizer import load as load_tokenizer
 from tinylm.tokenizer.bpe import SPLIT_PATTERNS
@@ -203,14 +205,14 @@ def token_dtype(vocab_size: int):
 def encode_file(data_path, tokenizer, out_path, *, block_bytes: int = BLOCK_BYTES) -> int:
     """Tokenize a text file into `out_path` (.npy), block by block; returns the count.
 
-    The ids go to a raw temporary file first (their number is unknown until the
-    end), then into the .npy, which is renamed into place only when complete.
+    The ids go to a raw temporary file first (their number, which the .npy header
+    holds, is unknown until the end), then, after that header, into the .npy,
+    which is written atomically (`tinylm.fileio.atomic_write`).
     """
     data_path, out_path = Path(data_path), Path(out_path)
     dtype = token_dtype(tokenizer.vocab_size)
     encode, cut = _encoder(tokenizer)
     raw_path = out_path.with_name(out_path.name + ".raw.tmp")
-    npy_tmp = out_path.with_name(out_path.name + ".tmp")
     n = 0
     try:
         with open(raw_path, "wb") as raw:
@@ -225,19 +227,20 @@ def encode_file(data_path, tokenizer, out_path, *, block_bytes: int = BLOCK_BYTE
                 np.asarray(ids, dtype=dtype).tofile(raw)
                 n += len(ids)
                 offset += len(block.encode("utf-8"))
-        out = np.lib.format.open_memmap(npy_tmp, mode="w+", dtype=dtype, shape=(n,))
-        with open(raw_path, "rb") as raw:
-            step = 1 << 24
-            for start in range(0, n, step):
-                count = min(step, n - start)
-                out[start:start + count] = np.fromfile(raw, dtype=dtype, count=count)
-        out.flush()
-        del out
-        os.replace(npy_tmp, out_path)
+        with atomic_write(out_path) as out, open(raw_path, "rb") as raw:
+            _write_npy_header(out, dtype, n)
+            shutil.copyfileobj(raw, out)  # the raw ids are the .npy's data, byte for byte
     finally:
-        for p in (raw_path, npy_tmp):
-            p.unlink(missing_ok=True)
+        raw_path.unlink(missing_ok=True)
     return n
+
+
+def _write_npy_header(f, dtype: np.dtype, n: int) -> None:
+    """The header of a .npy holding a (n,) array of `dtype`; the raw data follows it
+    (C order, this machine's byte order, as `tofile` wrote it)."""
+    np.lib.format.write_array_header_1_0(
+        f, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+            "shape": (n,)})
 
 
 @dataclass
@@ -294,9 +297,7 @@ def prepare(data, tokenizer, cache_dir, *, vocab_size: int = 512,
     if not cached:
         report(f"tokenizing {path} with {tok!r}")
         note["tokens"] = encode_file(path, tok, npy)
-        tmp = note_path.with_name(note_path.name + ".tmp")
-        tmp.write_text(json.dumps(note, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, note_path)
+        write_json(note_path, note)
     tokens = np.load(npy, mmap_mode="r")  # (N,) read from disk on demand
     n_train = int(len(tokens) * (1.0 - val_fraction))
     train, val = tokens[:n_train], tokens[n_train:]
@@ -314,7 +315,7 @@ def _cache_matches(npy: Path, note_path: Path, note: dict) -> bool:
     if not (npy.is_file() and note_path.is_file()):
         return False
     try:
-        old = json.loads(note_path.read_text(encoding="utf-8"))
+        old = read_json(note_path, what="token cache note")
         header = np.load(npy, mmap_mode="r")
     except (OSError, ValueError):
         return False  # a damaged cache is simply rebuilt

@@ -50,7 +50,7 @@ def read_json(path, *, what: str = "JSON file", expect: type | None = dict,
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise FileFormatError(f"{path}: {what} is not valid JSON ({_short(exc)})") from None
     if expect is not None and not isinstance(value, expect):
-        kind = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
+        kind = {dict: "object", list: "array"}.get(expect, expect.__name__)
         raise FileFormatError(f"{path}: {what} must hold a JSON {kind}, "
                               f"got {type(value).__name__}")
     return value

@@ -79,6 +79,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     from tinylm.backend import get_xp, resolve_device
+    from tinylm.sampling import check_token_id
 
     _check_args(args)
     device = resolve_device(args.device)
@@ -88,9 +89,8 @@ def run(args) -> int:
     eos_id = args.eos_id
     if eos_id is None:
         eos_id = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
-    if eos_id is not None and not 0 <= eos_id < model.config.vocab_size:
-        raise ValueError(f"--eos-id must be a token id in [0, {model.config.vocab_size}), "
-                         f"got {eos_id}")
+    if eos_id is not None:  # checked here too, to name the option
+        check_token_id(eos_id, model.config.vocab_size, "--eos-id")
     if len(prompt_ids) > model.config.context_length:
         print(f"(the prompt has {len(prompt_ids)} tokens; the model sees the last "
               f"{model.config.context_length})", file=sys.stderr)
@@ -252,21 +252,15 @@ def _checkpoint_in(path: str) -> str:
 def _load(args, device):
     """(model, tokenizer) from --checkpoint or --hf-gpt2, on `device`."""
     if args.hf_gpt2 is not None:
-        try:
-            from tinylm.interop import load_hf_gpt2
-        except ImportError as exc:
-            raise RuntimeError(f"--hf-gpt2 needs tinylm.interop.load_hf_gpt2, which this "
-                               f"installation lacks ({exc})") from None
+        from tinylm.interop import load_hf_gpt2  # imported only when used: CLI start-up stays fast
+
         model, tokenizer = load_hf_gpt2(args.hf_gpt2, device=device)
         if tokenizer is None:
             raise FileNotFoundError(f"{args.hf_gpt2}: no vocab.json and merges.txt, so the "
                                     "prompt cannot be encoded (copy GPT-2's tokenizer files there)")
         return model, tokenizer
-    try:
-        from tinylm.checkpoint import load
-    except ImportError as exc:
-        raise RuntimeError(f"--checkpoint needs tinylm.checkpoint.load, which this "
-                           f"installation lacks ({exc})") from None
+    from tinylm.checkpoint import load
+
     ckpt = load(_checkpoint_in(args.checkpoint), device=device)
     if ckpt.tokenizer is None:
         raise FileNotFoundError(f"{args.checkpoint}: the checkpoint has no tokenizer, so the "

@@ -3,6 +3,7 @@
 A language model gives, at every step, logits (B, V) for the next token. This
 file turns them into tokens, one step at a time:
 
+    SamplingSettings(...)            the knobs of that pipeline, checked once per call
     filter_logits(logits, ...)       the per-step pipeline below, as a pure function
     next_token_probs(logits, ...)    the distribution it samples from (plot it in a notebook)
     sample_next(logits, rng, ...)    one token per row
@@ -41,7 +42,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from tinylm.backend import to_device, to_numpy, xp_of
+from tinylm.nn.functional import log_softmax, softmax
 from tinylm.nn.kv_cache import KVCache
+from tinylm.nn.linear import check_ids
 
 # ---------------------------------------------------------------------------
 # Settings
@@ -49,8 +52,14 @@ from tinylm.nn.kv_cache import KVCache
 
 
 @dataclass(frozen=True)
-class SamplingConfig:
-    """How one sampling step turns logits into a token (checked on creation)."""
+class SamplingSettings:
+    """How one sampling step turns logits into a token: the knobs of `filter_logits`.
+
+    Made once per call of a public function (from its keyword arguments) and checked
+    then, so a bad value fails at the call, not at the first step; the steps pass this
+    one object along instead of five arguments. Frozen: a generation cannot change
+    its settings half-way.
+    """
 
     temperature: float = 1.0  # logits / temperature: < 1 sharper, > 1 flatter, 0 greedy
     top_k: int | None = None  # keep the k highest logits (None: all)
@@ -112,19 +121,23 @@ def apply_repetition_penalty(logits, prev_ids, penalty: float) -> np.ndarray:
     return np.where(seen, penalised, out)
 
 
-def filter_logits(logits, prev_ids=None, *, temperature=1.0, top_k=None, top_p=None,
-                  min_p=None, repetition_penalty=1.0) -> np.ndarray:
+def filter_logits(logits, prev_ids=None, **settings) -> np.ndarray:
     """The per-step pipeline: logits (V,) or (B, V) -> float64 logits of the same
     shape on the host, where removed tokens are -inf. Softmax of the result is the
     distribution `sample_next` draws from. `prev_ids` (B, n) (or (n,)) are the
-    tokens already in each sequence, for the repetition penalty.
+    tokens already in each sequence, for the repetition penalty. The keywords are
+    SamplingSettings's: temperature=1.0, top_k=None, top_p=None, min_p=None,
+    repetition_penalty=1.0.
 
     Top-k keeps every logit >= the k-th largest, so ties with the k-th are all
     kept (as nanoGPT and Hugging Face do). Top-p keeps the smallest set of most
     probable tokens whose mass is >= top_p (ties broken by token id), always at
     least the top token. Temperature 0 keeps only the argmax (the first one on ties).
     """
-    cfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
+    return _filter(logits, prev_ids, SamplingSettings(**settings))
+
+
+def _filter(logits, prev_ids, settings: SamplingSettings) -> np.ndarray:
     x = np.asarray(to_numpy(logits), dtype=np.float64)
     one_row = x.ndim == 1
     if one_row:
@@ -135,43 +148,43 @@ def filter_logits(logits, prev_ids=None, *, temperature=1.0, top_k=None, top_p=N
     B, V = x.shape
 
     # 1. repetition penalty (on the raw logits, before temperature: CTRL's order)
-    x = apply_repetition_penalty(x, prev_ids, cfg.repetition_penalty)  # (B, V) new array
+    x = apply_repetition_penalty(x, prev_ids, settings.repetition_penalty)  # (B, V) new array
     # 2. temperature
-    if cfg.greedy:
+    if settings.greedy:
         best = x.argmax(axis=-1)  # (B,)
         keep = np.zeros((B, V), dtype=bool)
         keep[np.arange(B), best] = True
         x = np.where(keep, x, -np.inf)
         return x[0] if one_row else x
-    x /= cfg.temperature
+    x /= settings.temperature
     # 3. top-k: everything below the k-th largest logit goes
-    if cfg.top_k is not None and cfg.top_k < V:
-        kth = np.partition(x, V - cfg.top_k, axis=-1)[:, V - cfg.top_k, None]  # (B, 1)
+    if settings.top_k is not None and settings.top_k < V:
+        kth = np.partition(x, V - settings.top_k, axis=-1)[:, V - settings.top_k, None]  # (B, 1)
         x[x < kth] = -np.inf
     # 4. top-p (nucleus): sort by probability, keep a token while the mass of
     #    the tokens before it is still below p (so the kept set just reaches p)
-    if cfg.top_p is not None and cfg.top_p < 1.0:
-        probs = _softmax(x)  # (B, V)
+    if settings.top_p is not None and settings.top_p < 1.0:
+        probs = softmax(x)  # (B, V)
         order = np.argsort(-probs, axis=-1, kind="stable")  # (B, V) most probable first
         sorted_probs = np.take_along_axis(probs, order, axis=-1)  # (B, V)
         mass_before = np.zeros_like(sorted_probs)  # (B, V) exclusive cumsum; 0 for the first
         np.cumsum(sorted_probs[:, :-1], axis=-1, out=mass_before[:, 1:])
-        drop_sorted = mass_before >= cfg.top_p  # (B, V); the first token has mass 0 before it
+        drop_sorted = mass_before >= settings.top_p  # (B, V); the first token has mass 0 before it
         drop = np.zeros_like(drop_sorted)
         np.put_along_axis(drop, order, drop_sorted, axis=-1)  # back to token order
         x[drop] = -np.inf
     # 5. min-p: a threshold relative to the top probability, so it adapts to how
     #    confident the model is (a flat distribution keeps many tokens, a peaked one few)
-    if cfg.min_p is not None and cfg.min_p > 0.0:
-        probs = _softmax(x)  # (B, V)
-        x[probs < cfg.min_p * probs.max(axis=-1, keepdims=True)] = -np.inf
+    if settings.min_p is not None and settings.min_p > 0.0:
+        probs = softmax(x)  # (B, V)
+        x[probs < settings.min_p * probs.max(axis=-1, keepdims=True)] = -np.inf
     return x[0] if one_row else x
 
 
 def next_token_probs(logits, prev_ids=None, **settings) -> np.ndarray:
     """The distribution a sampling step draws from: softmax(filter_logits(...)),
     (V,) or (B, V) float64, zero for removed tokens. Same keywords as filter_logits."""
-    return _softmax(filter_logits(logits, prev_ids, **settings))
+    return softmax(filter_logits(logits, prev_ids, **settings))
 
 
 def sample_next(logits, rng: np.random.Generator, prev_ids=None, **settings) -> np.ndarray:
@@ -183,31 +196,23 @@ def sample_next(logits, rng: np.random.Generator, prev_ids=None, **settings) -> 
     cumulative probability reaches u. A removed token adds 0 to the CDF, so it
     is never chosen (u > 0 rules out the edge case of a removed first token).
     """
-    x = filter_logits(logits, prev_ids, **settings)
+    return _sample(logits, rng, prev_ids, SamplingSettings(**settings))
+
+
+def _sample(logits, rng, prev_ids, settings: SamplingSettings) -> np.ndarray:
+    x = _filter(logits, prev_ids, settings)
     one_row = x.ndim == 1
     x = x[None] if one_row else x  # (B, V)
-    if settings.get("temperature", 1.0) == 0:
+    if settings.greedy:
         ids = x.argmax(axis=-1)  # (B,) only the argmax survived the filter
     else:
-        cdf = np.cumsum(_softmax(x), axis=-1)  # (B, V)
+        cdf = np.cumsum(softmax(x), axis=-1)  # (B, V)
         u = 1.0 - rng.random(x.shape[0])  # (B,) in (0, 1]
         # count the tokens whose CDF is still below u * total (total ~ 1, exactly
         # cdf[:, -1], so u = 1 can never run past the last token)
         ids = (cdf < (u * cdf[:, -1])[:, None]).sum(axis=-1)  # (B,)
     ids = ids.astype(np.int64)
     return ids[0] if one_row else ids
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis; -inf entries get probability 0 (each row needs a finite one)."""
-    e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    """log softmax over the last axis, computed stably (log-sum-exp)."""
-    shifted = x - x.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 # ---------------------------------------------------------------------------
@@ -220,19 +225,19 @@ class Decoder:
 
     Without a cache: a full forward over the last context_length tokens each step.
     (Call it with the model in eval mode, as generate and beam_search do.)
-    With the cache, while the sequence fits in the context (n <= L), only the
+    With the cache, while the sequence fits in the context (n <= T), only the
     tokens the cache lacks are run (the whole prompt once, then one token a step).
 
-    Past the context (n > L) the window slides: the model sees tokens n-L..n-1
-    at positions 0..L-1, so every token's *position* changes at every step. With
+    Past the context (n > T) the window slides: the model sees tokens n-T..n-1
+    at positions 0..T-1, so every token's *position* changes at every step. With
     learned absolute position embeddings that changes every hidden state in every
     layer, and no cached key or value stays valid. The exact thing to do, and what
     this does, is to rebuild the cache from the whole window each step (a prefill
-    of L tokens): the logits then equal those of a forward over the last L tokens
+    of T tokens): the logits then equal those of a forward over the last T tokens
     (up to rounding), but such a step costs as much as the uncached one: the cache
     pays off while the sequence fits in the context, not beyond. Cheaper schemes
-    exist (refill from the last L/2 tokens and decode L/2 steps incrementally:
-    amortised O(L) per token, but the model then sees between L/2 and L tokens of
+    exist (refill from the last T/2 tokens and decode T/2 steps incrementally:
+    amortised O(T) per token, but the model then sees between T/2 and T tokens of
     context, so the logits differ from the cropped forward; or rotary/relative
     positions, which make shifted keys reusable). tinylm keeps exactness, for
     every `pos` kind: even with RoPE, whose scores depend only on offsets, the
@@ -244,21 +249,21 @@ class Decoder:
 
     def __init__(self, model, batch_size: int, use_cache: bool):
         self.model = model
-        self.L = model.config.context_length
+        self.T = model.config.context_length  # the window
         self.cache = KVCache.for_model(model, batch_size) if use_cache else None
 
     def next_logits(self, seq: np.ndarray) -> np.ndarray:
         """seq (B, n) host int64 -> logits for token n+1, (B, V) float64 on the host."""
-        L, n = self.L, seq.shape[1]
+        T, n = self.T, seq.shape[1]
         if self.cache is None:
-            logits = self.model.forward(seq[:, -L:])[:, -1]  # crop to the context; (B, V)
+            logits = self.model.forward(seq[:, -T:])[:, -1]  # crop to the context; (B, V)
             self.model.clear_backward_caches()  # generation never runs backward
         else:
             cache = self.cache
-            if n > L or cache.pos >= n:
+            if n > T or cache.pos >= n:
                 # the window slid (or the caller rewound): no cached key is valid
                 cache.reset()
-            logits = self.model.forward_cached(seq[:, max(n - L, 0) + cache.pos:], cache)  # (B, V)
+            logits = self.model.forward_cached(seq[:, max(n - T, 0) + cache.pos:], cache)  # (B, V)
         return to_numpy(logits).astype(np.float64)
 
     def reorder(self, rows) -> None:
@@ -278,32 +283,34 @@ def _eval_mode(model):
         model.train(was_training)
 
 
-def _host_ids(idx, model) -> np.ndarray:
-    """idx (B, T) token ids (list, NumPy or device array) -> a host int64 copy, checked."""
+def _prompt(model, idx, max_new_tokens, eos_id, who: str) -> np.ndarray:
+    """Check what every generating function is given; the prompt idx (B, T) token ids
+    (list, NumPy or device array) -> a host int64 copy. `who` names the caller."""
     ids = np.array(to_numpy(idx) if not isinstance(idx, list) else idx)  # copy on the host
     if ids.ndim != 2:
         raise ValueError(f"idx must be a (B, T) array of token ids (use [ids] for one sequence), "
                          f"got shape {ids.shape}")
     if ids.shape[0] < 1 or ids.shape[1] < 1:
         raise ValueError(f"idx must hold at least one token per row, got shape {ids.shape}")
-    if ids.dtype.kind not in "iu":
-        raise TypeError(f"token ids must be integers, got dtype {ids.dtype}")
-    V = model.config.vocab_size
-    if ids.min() < 0 or ids.max() >= V:
-        raise ValueError(f"token ids must be in [0, {V}), got values in [{ids.min()}, {ids.max()}]")
+    check_ids(ids, model.config.vocab_size, who)
+    if not _is_int(max_new_tokens) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+    if eos_id is not None:
+        check_token_id(eos_id, model.config.vocab_size, "eos_id")
     return ids.astype(np.int64)
 
 
-def _check_common(model, max_new_tokens, eos_id) -> None:
-    if not _is_int(max_new_tokens) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    V = model.config.vocab_size
-    if eos_id is not None and (not _is_int(eos_id) or not 0 <= eos_id < V):
-        raise ValueError(f"eos_id must be a token id in [0, {V}) or None, got {eos_id!r}")
+def check_token_id(token, vocab_size: int, name: str) -> None:
+    """One token id given as a setting (eos_id, the CLI's --eos-id): an int in
+    [0, vocab_size), or an error that says which setting. (Arrays of ids: check_ids.)"""
+    if not _is_int(token) or not 0 <= token < vocab_size:
+        raise ValueError(f"{name} must be a token id in [0, {vocab_size}), got {token!r}")
 
 
-def _make_rng(seed) -> np.random.Generator:
-    """A Generator from a seed (None: fresh entropy), or the Generator itself."""
+def _seeded_or_fresh_rng(seed) -> np.random.Generator:
+    """The sampler's Generator: seeded by an int; a Generator is used as it is (to
+    continue its stream); None means fresh OS entropy, so each call samples
+    differently. (Unlike weight initialisation, where no seed means seed 0.)"""
     return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
 
 
@@ -321,24 +328,21 @@ def stream(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, top_
     when `stream` is called; the model runs as the iterator is advanced, in eval
     mode; its previous mode comes back when the iterator is exhausted or closed.
     """
-    cfg = SamplingConfig(temperature, top_k, top_p, min_p, repetition_penalty)
-    prompt = _host_ids(idx, model)
-    _check_common(model, max_new_tokens, eos_id)
-    rng = _make_rng(seed)
-    return _stream(model, prompt, max_new_tokens, cfg, eos_id, rng, use_cache)
+    settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+    prompt = _prompt(model, idx, max_new_tokens, eos_id, "stream")
+    return _stream(model, prompt, max_new_tokens, settings, eos_id, _seeded_or_fresh_rng(seed),
+                   use_cache)
 
 
-def _stream(model, seq, max_new_tokens, cfg, eos_id, rng, use_cache):
+def _stream(model, seq, max_new_tokens, settings: SamplingSettings, eos_id, rng, use_cache):
     B = seq.shape[0]
-    settings = dict(temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                    min_p=cfg.min_p, repetition_penalty=cfg.repetition_penalty)
     finished = np.zeros(B, dtype=bool)  # (B,) rows that have produced eos_id
     with _eval_mode(model):
         decoder = Decoder(model, B, use_cache)
         for _ in range(max_new_tokens):
             logits = decoder.next_logits(seq)  # (B, V)
             # the penalty looks at the whole sequence, also tokens cropped from the window
-            nxt = sample_next(logits, rng, seq, **settings)  # (B,)
+            nxt = _sample(logits, rng, seq, settings)  # (B,)
             if eos_id is not None:
                 nxt[finished] = eos_id  # a finished row is padded with eos_id
                 finished |= nxt == eos_id
@@ -367,10 +371,10 @@ def generate(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, to
     every row has finished, so `new` is max_new_tokens, or fewer only then.
     The result is NumPy, or on the device when idx was a device array.
     """
-    steps = list(stream(model, idx, max_new_tokens, temperature=temperature, top_k=top_k,
-                        top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
-                        eos_id=eos_id, seed=seed, use_cache=use_cache))
-    prompt = _host_ids(idx, model)
+    settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
+    prompt = _prompt(model, idx, max_new_tokens, eos_id, "generate")
+    steps = list(_stream(model, prompt, max_new_tokens, settings, eos_id,
+                         _seeded_or_fresh_rng(seed), use_cache))
     out = np.concatenate([prompt] + [s[:, None] for s in steps], axis=1)  # (B, T + new)
     return to_device(out, xp_of(idx))
 
@@ -406,8 +410,7 @@ def beam_search(model, idx, max_new_tokens: int, beam_width: int = 4, length_pen
     is not monotone in the width. Deterministic; runs in eval mode.
     With return_scores=True, also returns the best scores (B,) float64.
     """
-    prompt = _host_ids(idx, model)
-    _check_common(model, max_new_tokens, eos_id)
+    prompt = _prompt(model, idx, max_new_tokens, eos_id, "beam_search")
     if not _is_int(beam_width) or beam_width < 1:
         raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
     if not _is_real(length_penalty) or not math.isfinite(length_penalty):
@@ -443,7 +446,7 @@ def _beam_search(model, prompt, max_new_tokens, W, length_penalty, eos_id, use_c
 
     for step in range(max_new_tokens):
         n = step + 1  # generated tokens after this step
-        logp = _log_softmax(decoder.next_logits(seqs))  # (B*W, V)
+        logp = log_softmax(decoder.next_logits(seqs))  # (B*W, V)
         V = logp.shape[-1]
         cand = (scores.reshape(-1, 1) + logp).reshape(B, W * V)  # (B, W*V) each beam x token
         # 2W best candidates: at most W of them end in eos (one per beam), so

@@ -11,19 +11,14 @@
 
 Where to look:
   safetensors.py   the file format, read (memory-mapped) and written with NumPy only
+  hf.py            a Hugging Face directory: config.json, weights (or shards), the checks
   gpt2.py          GPT-2's config keys and tensor names <-> tinylm's GPTConfig and state_dict
   llama.py         the same for Llama and Mistral (RoPE, RMSNorm, SwiGLU, grouped-query attention)
 The name tables, what is checked and how to run a real GPT-2 are in docs/interop.md.
 """
 
-from .gpt2 import (
-    HFCheckpointError,
-    config_from_hf,
-    config_to_hf,
-    from_hf_gpt2,
-    load_hf_gpt2,
-    to_hf_gpt2,
-)
+from .gpt2 import config_from_hf, config_to_hf, from_hf_gpt2, load_hf_gpt2, to_hf_gpt2
+from .hf import HFCheckpointError
 from .llama import config_from_hf_llama, config_to_hf_llama, from_hf_llama, to_hf_llama
 from .safetensors import SafetensorsError, load_file, read_header, save_file
 

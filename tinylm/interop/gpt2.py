@@ -31,6 +31,8 @@ constants, not parameters, so they are ignored. See docs/interop.md.
 
 Weights are only ever read from safetensors files: a pickled `pytorch_model.bin` can
 run arbitrary code when it is loaded, so it is refused with a note on converting it.
+Reading and writing the directory, and the checks every converter makes, are in hf.py;
+this file holds what is GPT-2's own: its config keys and the table above.
 """
 
 from __future__ import annotations
@@ -41,14 +43,25 @@ import math
 import re
 from pathlib import Path
 
-import numpy as np
-
-from tinylm.interop.safetensors import atomic_write, load_file, read_header, save_file
+from tinylm.interop.hf import (
+    CONFIG_FILE,
+    HEAD,
+    WEIGHTS_FILE,
+    HFCheckpointError,
+    build_model,
+    check_tensors,
+    failing_in,
+    head_from_hf,
+    layer_names,
+    layer_shapes,
+    read_config,
+    read_weights,
+    strip_prefix,
+    write_directory,
+)
 from tinylm.model import GPT, GPTConfig
 
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints (big models)
+MODEL_CLASS = "GPT2LMHeadModel"  # transformers' class, named in the pickle-conversion hint
 PREFIX = "transformer."  # GPT2LMHeadModel's name for the GPT2Model inside it
 
 # GPT-2's activation names for the tanh approximation of GELU, which tinylm's GELU is.
@@ -82,10 +95,6 @@ OUTER_NAMES = {
 }
 
 
-class HFCheckpointError(ValueError):
-    """A Hugging Face checkpoint that tinylm cannot load as it is."""
-
-
 # ---------------------------------------------------------------------------
 # Names and shapes
 # ---------------------------------------------------------------------------
@@ -97,11 +106,7 @@ def name_map(n_layers: int) -> dict[str, str]:
     >>> name_map(1)["h.0.attn.c_attn.weight"]
     'blocks.0.attn.qkv.weight'
     """
-    names = dict(OUTER_NAMES)
-    for i in range(n_layers):
-        for hf, ours in BLOCK_NAMES.items():
-            names[f"h.{i}.{hf}"] = f"blocks.{i}.{ours}"
-    return names
+    return layer_names(OUTER_NAMES, BLOCK_NAMES, n_layers, "h")
 
 
 def hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -115,11 +120,9 @@ def hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
         "mlp.c_fc.weight": (C, 4 * C), "mlp.c_fc.bias": (4 * C,),
         "mlp.c_proj.weight": (4 * C, C), "mlp.c_proj.bias": (C,),
     }
-    shapes = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
-              "lm_head.weight": (V, C)}
-    for i in range(cfg.n_layers):
-        shapes.update({f"h.{i}.{name}": shape for name, shape in block.items()})
-    return shapes
+    outer = {"wte.weight": (V, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
+             HEAD: (V, C)}
+    return layer_shapes(outer, block, cfg.n_layers, "h")
 
 
 # ---------------------------------------------------------------------------
@@ -132,8 +135,7 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE, dropout: float = 0.0) ->
     compute (another activation, epsilon, attention scaling, MLP width) is an error.
     Missing optional keys take GPT2Config's defaults. GPT-2's dropout rates are
     training settings and are not imported: the model gets `dropout`."""
-    def fail(message):
-        raise HFCheckpointError(f"{source}: {message}")
+    fail = failing_in(source)
 
     if not isinstance(hf, dict):
         fail(f"expected a JSON object, got {type(hf).__name__}")
@@ -214,124 +216,25 @@ def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
     }
 
 
-def read_config(directory: Path, kind: str = "GPT-2") -> dict:
-    """The parsed config.json of a Hugging Face `kind` directory ("GPT-2", "Llama"...,
-    which the errors name)."""
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{directory}: no {CONFIG_FILE} (a Hugging Face {kind} directory "
-                                f"holds {CONFIG_FILE} and {WEIGHTS_FILE})")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise HFCheckpointError(f"{path}: not a JSON file ({exc})") from None
-
-
 # ---------------------------------------------------------------------------
 # Weights
 # ---------------------------------------------------------------------------
-
-
-def read_weights(directory,
-                 model_class: str = "GPT2LMHeadModel") -> tuple[dict[str, np.ndarray], str]:
-    """All tensors of the checkpoint in `directory` (memory-mapped), and the file name
-    to quote in errors. Reads model.safetensors, or the shards listed in
-    model.safetensors.index.json; refuses pickled weights (the error's conversion
-    command loads them with transformers' `model_class`)."""
-    directory = Path(directory)
-    single, index = directory / WEIGHTS_FILE, directory / INDEX_FILE
-    if single.is_file():
-        return load_file(single), str(single)
-    if index.is_file():
-        return _read_shards(index), str(index)
-    pickles = sorted(p.name for p in directory.glob("*.bin") if p.name != "training_args.bin")
-    if pickles:
-        raise HFCheckpointError(
-            f"{directory}: the weights are in {', '.join(pickles)}, a pickled PyTorch file, and "
-            "tinylm never unpickles (loading a pickle can run arbitrary code). Convert it to "
-            f"safetensors once, where PyTorch and transformers are installed:\n"
-            f"    python -c \"from transformers import {model_class}; "
-            f"{model_class}.from_pretrained('{directory}').save_pretrained('{directory}')\"\n"
-            "(transformers older than 4.35: add safe_serialization=True), which writes "
-            f"{WEIGHTS_FILE}.")
-    raise FileNotFoundError(f"{directory}: no {WEIGHTS_FILE} (nor {INDEX_FILE})")
-
-
-def _read_shards(index: Path) -> dict[str, np.ndarray]:
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise HFCheckpointError(f"{index}: not a safetensors index with a weight_map ({exc!r})") \
-            from None
-    tensors = {}
-    for shard in sorted(set(weight_map.values())):
-        path = index.parent / shard
-        if not path.is_file():
-            raise FileNotFoundError(f"{index}: lists shard {shard}, which is missing")
-        names = [name for name, file in weight_map.items() if file == shard]
-        present = set(read_header(path)[0])
-        absent = sorted(set(names) - present)
-        if absent:
-            raise HFCheckpointError(f"{path}: {index.name} puts {absent} in this shard, "
-                                    "but it does not hold them")
-        tensors.update(load_file(path, names))
-    return tensors
 
 
 def state_from_hf(tensors: dict, cfg: GPTConfig, source: str = WEIGHTS_FILE) -> dict:
     """Map GPT-2 tensors onto tinylm's state_dict names, checking that every parameter
     is there exactly once with the right shape and a floating dtype, that nothing
     unknown is left over, and that a tied lm_head equals wte."""
-    def fail(message):
-        raise HFCheckpointError(f"{source}: {message}")
+    fail = failing_in(source)
 
-    plain: dict[str, np.ndarray] = {}  # names without the "transformer." prefix
-    for name, array in tensors.items():
-        key = name[len(PREFIX):] if name.startswith(PREFIX) else name
-        if key in plain:
-            fail(f"{key!r} is stored twice (with and without the {PREFIX!r} prefix)")
-        plain[key] = array
-
-    names = name_map(cfg.n_layers)
-    expected = set(names) | ({"lm_head.weight"} if not cfg.tie_weights else set())
-    missing = sorted(expected - set(plain), key=_natural)
-    if missing:
-        fail(f"missing tensors {_short(missing)} for a GPT-2 with n_layer={cfg.n_layers}")
-    allowed = expected | {"lm_head.weight"}
-    unexpected = sorted((k for k in plain if k not in allowed and not IGNORED.fullmatch(k)),
-                        key=_natural)
-    if unexpected:
-        fail(f"unexpected tensors {_short(unexpected)} (not part of a GPT-2 with "
-             f"n_layer={cfg.n_layers}; see docs/interop.md for the names)")
-
-    shapes = hf_shapes(cfg)
-    for key in sorted(allowed & set(plain), key=_natural):
-        array = plain[key]
-        if tuple(array.shape) != shapes[key]:
-            fail(f"{key} has shape {tuple(array.shape)}, expected {shapes[key]} from config.json "
-                 f"(vocab_size={cfg.vocab_size}, n_positions={cfg.context_length}, "
-                 f"n_embd={cfg.d_model})")
-        if array.dtype.kind != "f":
-            fail(f"{key} has dtype {array.dtype}, expected floating-point weights")
-
-    state = {ours: plain[hf] for hf, ours in names.items()}
-    if not cfg.tie_weights:
-        state["head.weight"] = plain["lm_head.weight"].T  # (V, C) -> tinylm's (C, V)
-    elif "lm_head.weight" in plain and not np.array_equal(plain["lm_head.weight"],
-                                                          plain["wte.weight"]):
-        fail("lm_head.weight differs from wte.weight, but config.json has tie_word_embeddings "
-             "true (the head shares the token embedding)")
-    return state
-
-
-def _natural(name: str):
-    """Sort key that puts h.2 before h.10."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
-
-
-def _short(names: list[str], limit: int = 8) -> str:
-    more = f" and {len(names) - limit} more" if len(names) > limit else ""
-    return ", ".join(names[:limit]) + more
+    plain = strip_prefix(tensors, PREFIX, fail)
+    check_tensors(plain, hf_shapes(cfg), cfg, ignored=IGNORED,
+                  what=f"a GPT-2 with n_layer={cfg.n_layers}",
+                  shape_note=f"vocab_size={cfg.vocab_size}, n_positions={cfg.context_length}, "
+                             f"n_embd={cfg.d_model}", fail=fail)
+    # no weight is transposed: GPT-2's Conv1D stores (in, out), as tinylm's Linear
+    state = {ours: plain[hf] for hf, ours in name_map(cfg.n_layers).items()}
+    return state | head_from_hf(plain, cfg, "wte.weight", fail)
 
 
 # ---------------------------------------------------------------------------
@@ -344,16 +247,9 @@ def from_hf_gpt2(directory, device: str = "cpu", dtype="float32", dropout: float
     GPT in eval mode, with the same logits as `transformers`. Nothing is downloaded.
     Weights stored as F16/BF16/F64 are converted to `dtype`."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory (expected a Hugging Face GPT-2 "
-                                f"directory with {CONFIG_FILE} and {WEIGHTS_FILE})")
-    cfg = config_from_hf(read_config(directory), str(directory / CONFIG_FILE), dropout)
-    tensors, source = read_weights(directory)
-    state = state_from_hf(tensors, cfg, source)
-    model = GPT(cfg, device=device, dtype=dtype)  # random weights, overwritten next
-    model.load_state_dict(state)
-    model.eval()
-    return model
+    cfg = config_from_hf(read_config(directory, "GPT-2"), str(directory / CONFIG_FILE), dropout)
+    tensors, source = read_weights(directory, MODEL_CLASS)
+    return build_model(cfg, state_from_hf(tensors, cfg, source), device, dtype)
 
 
 def load_hf_gpt2(directory, device: str = "cpu", dtype="float32"):
@@ -384,15 +280,9 @@ def to_hf_gpt2(model: GPT, directory, eos_token_id: int | None = None) -> None:
     logits. `eos_token_id` goes into the config as bos/eos token id (GPT-2's is 50256).
     Each file is written atomically."""
     cfg = model.config
-    hf_config = config_to_hf(cfg, eos_token_id)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-
+    hf_config = config_to_hf(cfg, eos_token_id)  # refuses a non-GPT-2 before any write
     state = model.state_dict()
     tensors = {PREFIX + hf: state[ours] for hf, ours in name_map(cfg.n_layers).items()}
     if not cfg.tie_weights:  # tied: transformers re-ties lm_head to wte, so it is not stored
-        tensors["lm_head.weight"] = state["head.weight"].T  # (C, V) -> (V, C)
-    tensors = {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in tensors.items()}
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    text = json.dumps(hf_config, indent=2) + "\n"
-    atomic_write(directory / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
+        tensors[HEAD] = state["head.weight"].T  # (C, V) -> (V, C)
+    write_directory(directory, tensors, hf_config)

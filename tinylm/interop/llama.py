@@ -35,27 +35,33 @@ Mistral (model_type "mistral") has the same tensors; its `sliding_window` become
 GPTConfig.sliding_window (query i sees key j iff 0 <= i - j < W, as transformers'
 sliding-window mask). Anything tinylm does not compute (another activation, RoPE
 scaling, biases, a head_dim that is not hidden_size / heads) is refused with an error
-naming the key. See docs/interop.md, section "Llama".
+naming the key. See docs/interop.md, section "Llama". Reading and writing the
+directory, and the checks every converter makes, are in hf.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 
-from tinylm.interop.gpt2 import (
+from tinylm.interop.hf import (
     CONFIG_FILE,
+    HEAD,
     WEIGHTS_FILE,
     HFCheckpointError,
-    _natural,
-    _short,
+    build_model,
+    check_tensors,
+    failing_in,
+    head_from_hf,
+    layer_names,
+    layer_shapes,
     read_config,
     read_weights,
+    strip_prefix,
+    write_directory,
 )
-from tinylm.interop.safetensors import atomic_write, save_file
 from tinylm.model import GPT, GPTConfig
 from tinylm.nn.mlp import swiglu_hidden
 
@@ -104,11 +110,7 @@ def name_map(n_layers: int) -> dict[str, str]:
     >>> name_map(1)["layers.0.mlp.down_proj.weight"]
     'blocks.0.mlp.down.weight'
     """
-    names = dict(OUTER_NAMES)
-    for i in range(n_layers):
-        for hf, ours in BLOCK_NAMES.items():
-            names[f"layers.{i}.{hf}"] = f"blocks.{i}.{ours}"
-    return names
+    return layer_names(OUTER_NAMES, BLOCK_NAMES, n_layers, "layers")
 
 
 def hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -124,10 +126,8 @@ def hf_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
         "mlp.gate_proj.weight": (hidden, C), "mlp.up_proj.weight": (hidden, C),
         "mlp.down_proj.weight": (C, hidden),
     }
-    shapes = {"embed_tokens.weight": (V, C), "norm.weight": (C,), "lm_head.weight": (V, C)}
-    for i in range(cfg.n_layers):
-        shapes.update({f"layers.{i}.{name}": shape for name, shape in block.items()})
-    return shapes
+    outer = {"embed_tokens.weight": (V, C), "norm.weight": (C,), HEAD: (V, C)}
+    return layer_shapes(outer, block, cfg.n_layers, "layers")
 
 
 def _mlp_hidden(cfg: GPTConfig) -> int:
@@ -145,8 +145,7 @@ def config_from_hf_llama(hf: dict, source: str = CONFIG_FILE, dropout: float = 0
     optional keys take transformers' defaults for the model_type (DEFAULTS). The
     attention dropout is a training setting and is not imported: the model gets
     `dropout`."""
-    def fail(message):
-        raise HFCheckpointError(f"{source}: {message}")
+    fail = failing_in(source)
 
     if not isinstance(hf, dict):
         fail(f"expected a JSON object, got {type(hf).__name__}")
@@ -261,48 +260,21 @@ def state_from_hf_llama(tensors: dict, cfg: GPTConfig, source: str = WEIGHTS_FIL
     """Map Llama tensors onto tinylm's state_dict names and layouts, checking that every
     parameter is there exactly once with the right shape and a floating dtype, that
     nothing unknown is left over, and that a tied lm_head equals embed_tokens."""
-    def fail(message):
-        raise HFCheckpointError(f"{source}: {message}")
+    fail = failing_in(source)
 
-    plain: dict[str, np.ndarray] = {}  # names without the "model." prefix
-    for name, array in tensors.items():
-        key = name.removeprefix(PREFIX)
-        if key in plain:
-            fail(f"{key!r} is stored twice (with and without the {PREFIX!r} prefix)")
-        plain[key] = array
-
-    shapes = hf_shapes(cfg)
-    what = (f"a Llama with num_hidden_layers={cfg.n_layers}"
-            if cfg.sliding_window is None else f"a Mistral with num_hidden_layers={cfg.n_layers}")
-    expected = set(shapes) - ({"lm_head.weight"} if cfg.tie_weights else set())
-    missing = sorted(expected - set(plain), key=_natural)
-    if missing:
-        fail(f"missing tensors {_short(missing)} for {what}")
-    unexpected = sorted((k for k in plain if k not in shapes and not IGNORED.fullmatch(k)),
-                        key=_natural)
-    if unexpected:
-        fail(f"unexpected tensors {_short(unexpected)} (not part of {what}; see docs/interop.md "
-             "for the names)")
-    for key in sorted(set(shapes) & set(plain), key=_natural):
-        array = plain[key]
-        if tuple(array.shape) != shapes[key]:
-            fail(f"{key} has shape {tuple(array.shape)}, expected {shapes[key]} from config.json "
-                 f"(vocab_size={cfg.vocab_size}, hidden_size={cfg.d_model}, "
-                 f"num_key_value_heads={cfg.kv_heads}, intermediate_size={_mlp_hidden(cfg)})")
-        if array.dtype.kind != "f":
-            fail(f"{key} has dtype {array.dtype}, expected floating-point weights")
+    plain = strip_prefix(tensors, PREFIX, fail)
+    kind = "a Llama" if cfg.sliding_window is None else "a Mistral"
+    check_tensors(plain, hf_shapes(cfg), cfg, ignored=IGNORED,
+                  what=f"{kind} with num_hidden_layers={cfg.n_layers}",
+                  shape_note=f"vocab_size={cfg.vocab_size}, hidden_size={cfg.d_model}, "
+                             f"num_key_value_heads={cfg.kv_heads}, "
+                             f"intermediate_size={_mlp_hidden(cfg)}", fail=fail)
 
     state = {ours: _swap_layout(hf, plain[hf]) for hf, ours in name_map(cfg.n_layers).items()}
     for i in range(cfg.n_layers):
         q, k, v = (plain[f"layers.{i}.{name}"].T for name in QKV_NAMES)  # (C, H hs), (C, Hkv hs) x2
         state[f"blocks.{i}.attn.qkv.weight"] = np.concatenate([q, k, v], axis=1)  # [q | k | v]
-    if not cfg.tie_weights:
-        state["head.weight"] = plain["lm_head.weight"].T  # (V, C) -> (C, V)
-    elif "lm_head.weight" in plain and not np.array_equal(plain["lm_head.weight"],
-                                                          plain["embed_tokens.weight"]):
-        fail("lm_head.weight differs from embed_tokens.weight, but config.json has "
-             "tie_word_embeddings true (the head shares the token embedding)")
-    return state
+    return state | head_from_hf(plain, cfg, "embed_tokens.weight", fail)
 
 
 def _swap_layout(hf_name: str, array: np.ndarray) -> np.ndarray:
@@ -324,7 +296,7 @@ def state_to_hf_llama(state: dict, cfg: GPTConfig) -> dict[str, np.ndarray]:
             tensors[f"layers.{i}.{name}"] = part.T  # (out, in)
     tensors = {PREFIX + name: array for name, array in tensors.items()}
     if not cfg.tie_weights:  # tied: transformers re-ties lm_head to embed_tokens
-        tensors["lm_head.weight"] = state["head.weight"].T  # (C, V) -> (V, C)
+        tensors[HEAD] = state["head.weight"].T  # (C, V) -> (V, C)
     return {name: np.ascontiguousarray(a, dtype=np.float32) for name, a in tensors.items()}
 
 
@@ -338,18 +310,11 @@ def from_hf_llama(directory, device: str = "cpu", dtype="float32", dropout: floa
     or its shards) as a tinylm GPT in eval mode, with the same logits as `transformers`.
     Nothing is downloaded. Weights stored as F16/BF16/F64 are converted to `dtype`."""
     directory = Path(directory)
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory (expected a Hugging Face Llama "
-                                f"directory with {CONFIG_FILE} and {WEIGHTS_FILE})")
-    hf = read_config(directory, kind="Llama")
+    hf = read_config(directory, "Llama")
     cfg = config_from_hf_llama(hf, str(directory / CONFIG_FILE), dropout)
     model_type = hf.get("model_type", "llama")  # a valid one: config_from_hf_llama checked
-    tensors, source = read_weights(directory, model_class=ARCHITECTURES[model_type])
-    state = state_from_hf_llama(tensors, cfg, source)
-    model = GPT(cfg, device=device, dtype=dtype)  # random weights, overwritten next
-    model.load_state_dict(state)
-    model.eval()
-    return model
+    tensors, source = read_weights(directory, ARCHITECTURES[model_type])
+    return build_model(cfg, state_from_hf_llama(tensors, cfg, source), device, dtype)
 
 
 def to_hf_llama(model: GPT, directory) -> None:
@@ -359,11 +324,6 @@ def to_hf_llama(model: GPT, directory) -> None:
     is written atomically. Models that are not Llamas (see `config_to_hf_llama`) are
     refused."""
     cfg = model.config
-    hf_config = config_to_hf_llama(cfg)
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = state_to_hf_llama(model.state_dict(), cfg)
-    save_file(tensors, directory / WEIGHTS_FILE, metadata={"format": "pt"})
-    text = json.dumps(hf_config, indent=2) + "\n"
-    atomic_write(directory / CONFIG_FILE, lambda f: f.write(text.encode("utf-8")))
+    hf_config = config_to_hf_llama(cfg)  # refuses a non-Llama before any write
+    write_directory(directory, state_to_hf_llama(model.state_dict(), cfg), hf_config)
 

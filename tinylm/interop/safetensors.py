@@ -30,14 +30,14 @@ file and, where there is one, the tensor.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from tinylm.fileio import atomic_write
 
 # safetensors dtype name -> NumPy dtype (little-endian). BF16 has no NumPy dtype: its
 # bytes are read as uint16 and widened to float32 (see `_bf16_to_f32`).
@@ -200,12 +200,18 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
     """Write `tensors` ({name: array}) to `path` in the safetensors format, atomically.
 
     Floating arrays keep their precision (F64, F32, F16); pass float32 arrays to
-    get F32. The file is written to a temporary file in the same directory and then
-    renamed over `path`, so a crash never leaves a half-written file behind.
+    get F32. The file is written with `tinylm.fileio.atomic_write` (a temporary
+    file, then a rename), so a crash never leaves a half-written file behind.
     Tensors are laid out in name order; the header is padded with spaces to a
     multiple of 8 bytes so that every tensor starts 8-byte aligned for memory maps.
     """
-    path = Path(path)
+    raw, arrays = _layout(tensors, metadata)  # every check, before the file is opened
+    with atomic_write(path) as f:
+        _write(f, raw, arrays)
+
+
+def _layout(tensors: dict, metadata: dict | None) -> tuple[bytes, list[np.ndarray]]:
+    """(the header's bytes, length prefix included, and the arrays in file order)."""
     arrays, header, offset = {}, {}, 0
     for name in sorted(tensors):
         if not isinstance(name, str) or name == "__metadata__":
@@ -226,29 +232,10 @@ def save_file(tensors: dict, path, metadata: dict | None = None) -> None:
         header = {"__metadata__": dict(metadata), **header}
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-(8 + len(raw)) % 8)  # data starts 8-byte aligned
-
-    def write(f):
-        f.write(len(raw).to_bytes(8, "little"))
-        f.write(raw)
-        for a in arrays.values():
-            f.write(memoryview(a.reshape(-1)).cast("B"))
-
-    atomic_write(path, write)
+    return len(raw).to_bytes(8, "little") + raw, list(arrays.values())
 
 
-def atomic_write(path, write) -> None:
-    """Call `write(f)` on a temporary binary file next to `path`, then rename it to
-    `path` (os.replace is atomic on POSIX and Windows). On error the temporary file is
-    removed and any previous `path` is left as it was."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:  # plain open: the file gets the usual permissions
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+def _write(f, header: bytes, arrays: list[np.ndarray]) -> None:
+    f.write(header)
+    for a in arrays:
+        f.write(memoryview(a.reshape(-1)).cast("B"))  # the raw bytes, no copy

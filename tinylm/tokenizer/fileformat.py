@@ -10,17 +10,18 @@ Every file starts with the same three fields, then what its type needs:
     }
 
 `read_json` checks them and says clearly what is wrong with a file that is not ours
-(GPT-2's vocab.json, a Hugging Face tokenizer.json, a newer version). Writes go to a
-temporary file first and are then renamed, so a crash never leaves half a file.
+(GPT-2's vocab.json, a Hugging Face tokenizer.json, a newer version). Reading and
+writing go through `tinylm.fileio`, as for every file tinylm touches: a damaged file
+gives one line naming it, and a crash never leaves half a file.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import regex
+
+from tinylm import fileio
 
 FORMAT = "tinylm-tokenizer"
 VERSION = 1
@@ -75,22 +76,14 @@ def dumps(d: dict) -> str:
 
 
 def write_json(path, d: dict) -> None:
-    """Write `d` to `path` atomically (a temporary file, then a rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(dumps(d) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    """Write `d` to `path` atomically, laid out by `dumps`."""
+    fileio.write_text(path, dumps(d) + "\n")
 
 
 def read_json(path, kind: str | None = None) -> dict:
     """Read and check a tokenizer file; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"tokenizer file not found: {path}")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a JSON tokenizer file ({exc})") from None
+    # expect=None: check_header explains what a non-object file probably is
+    d = fileio.read_json(path, what="tokenizer file", expect=None)
     check_header(d, str(path), kind)
     return d
 

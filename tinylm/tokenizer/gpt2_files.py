@@ -13,8 +13,9 @@ of each byte (GPT-2's ids 0-255 are *not* the byte values), and the special toke
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from tinylm.fileio import read_json
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -48,11 +49,8 @@ def read_gpt2_files(vocab_json, merges_txt) -> tuple[dict, list[int], dict]:
     for path in (vocab_json, merges_txt):
         if not path.is_file():
             raise FileNotFoundError(f"GPT-2 tokenizer file not found: {path}")
-    try:
-        vocab = json.loads(vocab_json.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{vocab_json}: not a JSON file ({exc})") from None
-    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+    vocab = read_json(vocab_json, what="GPT-2 vocabulary", expect=dict)
+    if not all(isinstance(i, int) for i in vocab.values()):
         raise ValueError(f"{vocab_json}: expected GPT-2's {{token text: id}} vocabulary")
 
     byte_to_char = bytes_to_unicode()
