@@ -10,17 +10,23 @@ import os
 import signal
 import subprocess
 import sys
+import typing
 
 import numpy as np
 import pytest
 
 from tinylm import backend, checkpoint
 from tinylm.cli import build_parser, main
+from tinylm.config import GPTConfig
 from tinylm.data import bundled_text_path
 from tinylm.model import GPT
 from tinylm.nn import SoftmaxCrossEntropy
 from tinylm.train import (
+    MODEL_FIELDS,
+    MODEL_VARIANT_FIELDS,
     PRESETS,
+    RECIPE_MODEL,
+    RESUME_FIXED,
     TrainConfig,
     Trainer,
     TrainingDiverged,
@@ -114,6 +120,41 @@ def test_set_values_are_typed_by_the_field():
         parse_field_value("lr", "fast")
     with pytest.raises(ValueError, match="unknown TrainConfig field nope"):
         parse_field_value("nope", "1")
+
+
+def test_model_fields_are_gpt_configs_declared_once():
+    """TrainConfig takes GPTConfig's fields (all but vocab_size, the tokenizer's), with
+    their types and help; only RECIPE_MODEL's defaults differ; all are fixed on resume."""
+    gpt = {f.name: f for f in dataclasses.fields(GPTConfig)}
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    gpt_types, train_types = typing.get_type_hints(GPTConfig), typing.get_type_hints(TrainConfig)
+    assert MODEL_FIELDS == tuple(n for n in gpt if n != "vocab_size")
+    for name in MODEL_FIELDS:
+        assert train_types[name] == gpt_types[name], name
+        assert train[name].metadata["help"] == gpt[name].metadata["help"], name
+        assert train[name].default == RECIPE_MODEL.get(name, gpt[name].default), name
+        assert name in RESUME_FIXED, name
+    assert set(RESUME_FIXED) - set(MODEL_FIELDS) == {"tokenizer", "vocab_size",
+                                                     "tokenizer_train_chars", "val_fraction",
+                                                     "dtype"}
+    assert MODEL_VARIANT_FIELDS[0] == "pos" and "n_experts" in MODEL_VARIANT_FIELDS
+    assert parse_field_value("d_model", "256") == 256
+    assert parse_field_value("n_kv_heads", "null") is None
+    assert parse_field_value("rope_theta", "500000") == 500000.0
+    with pytest.raises(ValueError, match="unknown TrainConfig field vocab"):
+        parse_field_value("vocab", "3")
+
+
+def test_config_file_is_flat_and_its_errors_name_it(tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"lr": 3e-4, "d_model": 256, "n_kv_heads": None}))
+    assert main(["train", "--config", str(cfg), "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "d_model                256  *" in text and "lr                     0.0003  *" in text
+    cfg.write_text("[1, 2]")
+    assert main(["train", "--config", str(cfg), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{cfg}: config file must hold a JSON" in err
 
 
 # -- the optimisation step --------------------------------------------------------------

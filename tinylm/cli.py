@@ -2,8 +2,8 @@
 
 Each subcommand lives in its own module with two functions:
 `configure(parser)` adds its options and `run(args) -> int` does the work.
-Bad arguments give a one-line error (exit code 2), never a traceback
-(set TINYLM_DEBUG=1 to see the traceback behind such an error).
+Bad arguments, bad files and OS errors give a one-line error (exit code 2),
+never a traceback (`--debug` or TINYLM_DEBUG=1 shows the traceback behind one).
 """
 
 from __future__ import annotations
@@ -43,20 +43,42 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv or bool(os.environ.get("TINYLM_DEBUG"))
+    argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        # A user error (bad value, missing file, no GPU): one line, not a traceback.
-        # TINYLM_DEBUG=1 re-raises, for when the "user error" is really a bug.
-        if os.environ.get("TINYLM_DEBUG"):
-            raise
-        print(f"tinylm {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"tinylm {args.command}: interrupted", file=sys.stderr)
         return 130
+    except MemoryError:
+        if debug:
+            raise
+        print(f"tinylm {args.command}: error: out of memory (a smaller model, batch or "
+              "file may fit)", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError, OSError, RuntimeError) as exc:
+        # An expected failure (bad value or file, missing file, full disk, no GPU):
+        # one line, not a traceback. --debug or TINYLM_DEBUG=1 re-raises, for when
+        # the "expected failure" is really a bug.
+        if debug:
+            raise
+        print(f"tinylm {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return 2
+
+
+def describe(exc: BaseException) -> str:
+    """One line for an exception: an OS error names its path and the OS's reason
+    ("runs/x: Permission denied"), everything else is its message, with newlines
+    folded (a message may quote a file's content)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = " -> ".join(str(f) for f in (exc.filename, exc.filename2) if f is not None)
+        text = f"{where}: {exc.strerror}" if where else exc.strerror
+    else:
+        text = str(exc) or type(exc).__name__
+    text = " ".join(text.split())
+    return text if len(text) <= 500 else text[:500] + "..."
 
 
 if __name__ == "__main__":

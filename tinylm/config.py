@@ -1,8 +1,9 @@
 """GPTConfig: the shape of a GPT, its variant switches, and their validation.
 
-Every field is declared here once, with its default (GPT-2's architecture) and a
-comment that is also its help text; `tinylm train` takes its model fields from
-this class.
+Every field is declared here once, with its default (GPT-2's architecture) and its
+help text (field metadata, `f.metadata["help"]`). `tinylm train` takes its model
+fields from this class (tinylm/training/config.py) and shows the same help in
+`tinylm train --help`; VARIANT_FIELDS lists the switches marked `variant=True`.
 """
 
 from __future__ import annotations
@@ -18,31 +19,56 @@ NORM_PLACEMENTS = ("pre", "post")
 MLP_KINDS = ("gelu", "relu", "swiglu")
 
 
+def _field(default, doc: str, variant: bool = False):
+    """A field with its help text (`tinylm train --help` shows it). `variant` marks the
+    architecture switches (positions, norm, MLP, attention, MoE)."""
+    return dataclasses.field(default=default, metadata={"help": doc, "variant": variant})
+
+
+def _required(doc: str):
+    return _field(dataclasses.MISSING, doc)
+
+
+def _variant(default, doc: str):
+    return _field(default, doc, variant=True)
+
+
 @dataclass(frozen=True)
 class GPTConfig:
-    """The shape of a GPT. Defaults keep GPT-2's architecture."""
+    """The shape of a GPT. Defaults keep GPT-2's architecture. The help texts are those
+    `tinylm train --help` shows, so they write None as JSON does: null."""
 
-    vocab_size: int  # V: number of token ids
-    context_length: int  # longest sequence the model sees (positions 0..context_length-1)
-    d_model: int  # C: width of the residual stream
-    n_layers: int  # number of transformer blocks
-    n_heads: int  # attention heads per block; head size = d_model // n_heads
-    dropout: float = 0.0  # on embeddings, attention weights and residual branches (train only)
-    bias: bool = True  # biases in Linear and LayerNorm layers (GPT-2: True)
-    tie_weights: bool = True  # output head shares the token-embedding matrix (GPT-2: True)
+    vocab_size: int = _required("V: number of token ids")
+    context_length: int = _required("T: tokens the model sees at once (positions 0..T-1)")
+    d_model: int = _required("C: width of the residual stream")
+    n_layers: int = _required("transformer blocks")
+    n_heads: int = _required("attention heads per block (must divide d_model; head size "
+                             "d_model / n_heads)")
+    dropout: float = _field(0.0, "dropout probability while training (embeddings, attention "
+                                 "weights, residual branches)")
+    bias: bool = _field(True, "biases in Linear and LayerNorm layers (GPT-2: true; nanoGPT's "
+                              "recipes: false)")
+    tie_weights: bool = _field(True, "the output head shares the token-embedding matrix")
     # -- variants (tinylm/nn/positions.py, norm.py, mlp.py, attention.py, moe.py) --
-    pos: str = "learned"  # positions: "learned" table, "sinusoidal", "rope" or "none"
-    rope_theta: float = 10000.0  # RoPE base: the slowest pair turns once per ~2 pi theta positions
-    norm: str = "layernorm"  # "layernorm" or "rmsnorm" (Llama; no bias)
-    norm_eps: float = 1e-5  # epsilon of every norm (Llama checkpoints: 1e-5 or 1e-6)
-    norm_placement: str = "pre"  # "pre" (GPT-2) or "post" (the original Transformer)
-    mlp: str = "gelu"  # "gelu", "relu" or "swiglu" (Llama)
-    mlp_hidden: int | None = None  # MLP width; None: 4C, or 8C/3 (to a multiple of 8) for swiglu
-    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None: n_heads
-    sliding_window: int | None = None  # attend to the last W positions only (Mistral); None: all
-    n_experts: int = 0  # > 0: each MLP is a mixture of this many experts
-    experts_per_token: int = 2  # k: experts each token is routed to (with n_experts > 0)
-    moe_aux_loss_coef: float = 0.01  # weight of the load-balancing loss (Switch Transformer)
+    pos: str = _variant("learned", "positions: learned (a table), sinusoidal, rope or none")
+    rope_theta: float = _variant(10000.0, "RoPE base (with pos=rope): the slowest pair turns "
+                                          "once per ~2 pi theta positions")
+    norm: str = _variant("layernorm", "layernorm or rmsnorm (Llama; no bias)")
+    norm_eps: float = _variant(1e-5, "epsilon of every norm layer (Llama checkpoints: 1e-5 "
+                                     "or 1e-6)")
+    norm_placement: str = _variant("pre", "pre (GPT-2) or post (the original Transformer)")
+    mlp: str = _variant("gelu", "gelu, relu or swiglu (Llama)")
+    mlp_hidden: int | None = _variant(None, "MLP width; null: 4 d_model (8/3 d_model, rounded "
+                                            "up to a multiple of 8, for swiglu)")
+    n_kv_heads: int | None = _variant(None, "key/value heads (grouped-query attention; 1: "
+                                            "multi-query); null: n_heads")
+    sliding_window: int | None = _variant(None, "attend to the last this many positions only "
+                                                "(Mistral); null: the whole context")
+    n_experts: int = _variant(0, "> 0: mixture-of-experts MLPs with this many experts")
+    experts_per_token: int = _variant(2, "k: experts each token is routed to (with "
+                                         "n_experts > 0)")
+    moe_aux_loss_coef: float = _variant(0.01, "weight of the MoE load-balancing loss "
+                                              "(Switch Transformer)")
 
     def __post_init__(self):
         for name in ("vocab_size", "context_length", "d_model", "n_layers", "n_heads"):
@@ -119,6 +145,10 @@ class GPTConfig:
         if unknown:
             raise ValueError(f"unknown GPTConfig fields {unknown}; known fields: {sorted(known)}")
         return cls(**d)
+
+
+# The architecture switches, in declaration order (the presets and tests iterate them).
+VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.metadata["variant"])
 
 
 def _check_int(name: str, value, minimum: int, or_none: bool = False) -> None:

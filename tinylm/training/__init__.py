@@ -1,0 +1,11 @@
+"""Training a GPT, by concern (the public names are re-exported by tinylm.train):
+
+    config.py    TrainConfig: data fields, GPTConfig's fields (declared once, in
+                 tinylm/config.py), optimisation and run fields; --set parsing
+    presets.py   PRESETS: nanoGPT's recipes and their Llama / MoE variants
+    trainer.py   Trainer: the loop, one step, evaluation (start reading here)
+    resume.py    what trainer.json holds, and restoring it (bitwise resume)
+    rundir.py    the run directory: log.jsonl, loss.png, last/ and best/; the Ctrl-C guard
+    console.py   what `tinylm train` prints (configuration, progress bar, result)
+    cli.py       the `tinylm train` command: options, configuration layers, samples
+"""

@@ -1,0 +1,297 @@
+"""The Trainer: one step, evaluation, the loop, and resuming.
+
+One optimizer step (`Trainer.train_step`), with k = grad_accum_steps micro-batches:
+
+    lr = cosine_schedule(step)                          warmup, then cosine to min_lr
+    zero grads
+    k times:  x, y = random windows;  loss = CE(model(x), y)
+              backward(loss / k)                        grads add up (+=) to the mean
+    clip_grad_norm(grad_clip);  AdamW step
+
+Every eval_interval steps (and at the end) the mean loss over eval_iters random
+batches of each split is measured, as nanoGPT's `estimate_loss`, so numbers are
+comparable with its published ones; then the run directory (rundir.py) gets its
+last/ and best/ checkpoints, a log record and a new loss plot.
+
+Resuming restores everything a step depends on (weights, AdamW moments and step
+count, the batch sampler's and every dropout layer's random generator, the eval
+generator), so on the CPU a resumed run ends with bitwise the same weights as an
+uninterrupted one (resume.py).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from tinylm import checkpoint
+from tinylm.backend import resolve_device, to_device
+from tinylm.data import Batches, get_batch, prepare
+from tinylm.model import GPT
+from tinylm.nn import SoftmaxCrossEntropy
+from tinylm.optim import AdamW, clip_grad_norm, cosine_schedule
+from tinylm.training.config import TrainConfig
+from tinylm.training.resume import capture_state, open_checkpoint, restore_state
+from tinylm.training.rundir import DeferredInterrupt, RunDir
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient norm stopped being finite; nothing was saved after it."""
+
+
+class Trainer:
+    """Trains a GPT as `config` says. Library code: it prints nothing.
+
+    `reporter(event, info)` is told what happens (the command line prints it):
+      "data"         {"message"}: tokenizer training, tokenization
+      "start"        {"step", "max_iters", "params", "device", "train_tokens", "val_tokens",
+                      "tokenizer", "resumed_from"}
+      "step"         {"step", "loss", "lr", "grad_norm", "tokens_per_s", "dt"} after each step
+                     (and "aux_loss", the load-balancing loss, for MoE models)
+      "eval"         {"step", "train_loss", "val_loss", "val_ppl", "best"}
+      "checkpoint"   {"path", "step", "kind"} ("last" or "best")
+      "interrupted"  {"step", "path"} (path None when no checkpoint could be written)
+      "end"          the dict `train()` returns
+    A reporter may raise KeyboardInterrupt to stop the run as Ctrl-C does.
+
+    `resume`: a checkpoint (directory or `checkpoint.Checkpoint`) written by a
+    Trainer; the run continues from it. Otherwise an existing checkpoint in
+    out_dir is an error unless `overwrite=True`.
+    """
+
+    def __init__(self, config: TrainConfig, *, reporter=None, resume=None,
+                 overwrite: bool = False):
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+        self.config = cfg = config
+        self.report = reporter or (lambda event, info: None)
+        self.run_dir = run = RunDir(cfg.out_dir)
+        self.out_dir, self.last_dir, self.best_dir = run.path, run.last_dir, run.best_dir
+        self.log_path, self.plot_path = run.log_path, run.plot_path
+        self.device = resolve_device(cfg.device)
+        if resume is None and not overwrite:
+            run.check_unused()
+        ckpt = None if resume is None else open_checkpoint(resume, cfg, self.device)
+        self.resumed_from = None if ckpt is None else str(ckpt.path)
+
+        self.data = prepare(
+            cfg.data, ckpt.tokenizer if ckpt is not None else cfg.tokenizer, self.out_dir,
+            vocab_size=cfg.vocab_size, train_chars=cfg.tokenizer_train_chars,
+            val_fraction=cfg.val_fraction, min_tokens=cfg.context_length + 1,
+            report=lambda message: self.report("data", {"message": message}))
+        self.tokenizer = self.data.tokenizer
+        if ckpt is not None:
+            self.model = ckpt.model
+        else:
+            self.model = GPT(cfg.gpt_config(self.tokenizer.vocab_size), seed=cfg.seed,
+                             device=self.device, dtype=cfg.dtype)
+        self.model.train()
+        self.loss_fn = SoftmaxCrossEntropy()
+        self.optimizer = AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                               eps=cfg.eps, weight_decay=cfg.weight_decay)
+        # Separate generators: evaluation never shifts the training batches.
+        self.batches = Batches(self.data.train, cfg.context_length, cfg.batch_size,
+                               seed=[cfg.seed, 1])
+        self.eval_rng = np.random.default_rng([cfg.seed, 2])
+        self.step = 0  # optimizer steps taken
+        self.tokens_seen = 0
+        self.best_val_loss: float | None = None
+        self.last_eval: dict | None = None  # {"step", "train_loss", "val_loss", "val_ppl"}
+        self.elapsed_s = 0.0  # wall time spent in train() (evaluations included), all sessions
+        self._clock = None  # (perf_counter at the start of this train() call, elapsed_s then)
+        self.last_saved_step: int | None = None
+        if ckpt is not None:
+            restore_state(self, ckpt)
+            self.last_saved_step = self.step
+            run.start_log(self.step, evaluated=(self.last_eval or {}).get("step") == self.step)
+        else:
+            run.start_log()
+        # The state of the last step boundary: what an interrupt saves, whenever it comes.
+        self._snapshot = self.trainer_state()
+        self._updating = False  # True while weights and AdamW state are being changed
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def train(self) -> dict:
+        """Train to max_iters (evaluating, saving, logging); returns the final numbers.
+
+        Ctrl-C (or a KeyboardInterrupt from the reporter) saves out_dir/last at the
+        last completed step and re-raises. A non-finite loss raises TrainingDiverged.
+        """
+        cfg = self.config
+        self._start()
+        try:
+            with DeferredInterrupt() as ctrl_c:
+                while True:
+                    if self._eval_due():
+                        self._evaluate_and_save()
+                    if ctrl_c.requested:
+                        raise KeyboardInterrupt
+                    if self.step >= cfg.max_iters:
+                        break
+                    info = self.train_step()
+                    if self.step % cfg.log_interval == 0:
+                        self.run_dir.log({"event": "step", **info, "time_s": self._elapsed()})
+                    self.report("step", info)
+        except KeyboardInterrupt:
+            self._save_on_interrupt()
+            raise
+        finally:
+            self.elapsed_s, self._clock = self._elapsed(), None
+        result = self.result()
+        self.report("end", result)
+        return result
+
+    def train_step(self) -> dict:
+        """One optimizer step over grad_accum_steps micro-batches; returns its numbers."""
+        cfg, xp = self.config, self.model.xp
+        t0 = time.perf_counter()
+        lr = self.lr_at(self.step)
+        self.optimizer.lr = lr
+        self.model.zero_grad()
+        k = cfg.grad_accum_steps
+        loss_sum = aux_sum = 0.0
+        for _ in range(k):
+            x, y = self.batches.next()  # (B, T) each, on the host
+            logits = self.model.forward(to_device(x, xp))  # (B, T, V)
+            loss = self.loss_fn.forward(logits, to_device(y, xp))
+            if not math.isfinite(loss):
+                raise self._diverged(f"the loss is {loss}", lr)
+            # Each micro-batch's loss is a mean over its B*T tokens; scaling its gradient
+            # by 1/k makes the accumulated (+=) gradients the mean over all k*B*T tokens:
+            # exactly the gradient of one batch k times larger. A MoE model optimises
+            # loss + aux_loss (load balancing), whose gradient is scaled the same way;
+            # the loss reported is the cross-entropy alone, comparable across variants.
+            self.model.backward(self.loss_fn.backward(1.0 / k), daux=1.0 / k)
+            loss_sum += loss
+            aux_sum += self.model.aux_loss
+        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure, never scale
+        norm = clip_grad_norm(self.model.parameters(), max_norm)
+        if not math.isfinite(norm):
+            raise self._diverged(f"the gradient norm is {norm}", lr)
+        self._updating = True  # an interrupt from here to the snapshot cannot be saved
+        self.optimizer.step()
+        self.step += 1
+        self.tokens_seen += k * cfg.batch_size * cfg.context_length
+        dt = time.perf_counter() - t0
+        self._snapshot = self.trainer_state()
+        self._updating = False
+        record = {"step": self.step, "loss": loss_sum / k, "lr": lr, "grad_norm": norm,
+                  "tokens_per_s": k * cfg.batch_size * cfg.context_length / dt, "dt": dt}
+        if cfg.n_experts > 0:
+            record["aux_loss"] = aux_sum / k
+        return record
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.config
+        decay = cfg.lr_decay_iters if cfg.lr_decay_iters is not None else cfg.max_iters
+        return cosine_schedule(step, max_lr=cfg.lr, min_lr=cfg.min_lr,
+                               warmup_steps=cfg.warmup_iters,
+                               decay_steps=max(decay, cfg.warmup_iters))
+
+    def evaluate(self) -> dict:
+        """Mean loss over eval_iters random batches of each split (nanoGPT's estimate_loss)."""
+        cfg, xp = self.config, self.model.xp
+        means = {}
+        self.model.eval()  # dropout off
+        try:
+            for split, tokens in (("train", self.data.train), ("val", self.data.val)):
+                losses = []
+                for _ in range(cfg.eval_iters):
+                    x, y = get_batch(tokens, cfg.context_length, cfg.batch_size, self.eval_rng)
+                    logits = self.model.forward(to_device(x, xp))
+                    losses.append(self.loss_fn.forward(logits, to_device(y, xp)))
+                means[split] = float(np.mean(losses))
+        finally:
+            self.model.train()
+        val = means["val"]
+        return {"step": self.step, "train_loss": means["train"], "val_loss": val,
+                "val_ppl": math.exp(val) if val < 700 else math.inf}
+
+    def result(self) -> dict:
+        last = self.last_eval or {}
+        best = self.best_val_loss
+        return {
+            "step": self.step, "train_loss": last.get("train_loss"),
+            "val_loss": last.get("val_loss"), "val_ppl": last.get("val_ppl"),
+            "best_val_loss": best, "best_val_ppl": None if best is None else math.exp(best),
+            "elapsed_s": self.elapsed_s, "tokens_seen": self.tokens_seen,
+            "last_checkpoint": str(self.last_dir), "best_checkpoint": str(self.best_dir),
+            "log": str(self.log_path), "plot": str(self.plot_path),
+        }
+
+    # -- around the loop: start, evaluations, saves, interrupts, divergence ------------
+
+    def _start(self) -> None:
+        self._clock = (time.perf_counter(), self.elapsed_s)
+        self.report("start", {
+            "step": self.step, "max_iters": self.config.max_iters,
+            "params": self.model.num_parameters(), "device": self.device,
+            "train_tokens": len(self.data.train), "val_tokens": len(self.data.val),
+            "tokenizer": repr(self.tokenizer), "resumed_from": self.resumed_from,
+        })
+        self.run_dir.log({"event": "start", "step": self.step, "resumed_from": self.resumed_from,
+                      "config": self.config.to_dict()})
+
+    def _eval_due(self) -> bool:
+        cfg = self.config
+        due = self.step % cfg.eval_interval == 0 or self.step == cfg.max_iters
+        return due and (self.last_eval or {}).get("step") != self.step
+
+    def _evaluate_and_save(self) -> None:
+        ev = self.evaluate()
+        if not math.isfinite(ev["val_loss"]) or not math.isfinite(ev["train_loss"]):
+            raise self._diverged(f"the evaluation loss is {ev['val_loss']}",
+                                 self.lr_at(self.step), step=self.step)
+        best = self.best_val_loss is None or ev["val_loss"] < self.best_val_loss
+        if best:
+            self.best_val_loss = ev["val_loss"]
+        self.last_eval = ev
+        self._snapshot = self.trainer_state()
+        self.run_dir.log({"event": "eval", **ev, "best": best, "time_s": self._elapsed()})
+        self.report("eval", {**ev, "best": best})
+        self.report("checkpoint", {"path": str(self.save(self.last_dir, self._snapshot)),
+                                   "step": self.step, "kind": "last"})
+        if best:
+            self.report("checkpoint", {"path": str(self.save(self.best_dir, self._snapshot)),
+                                       "step": self.step, "kind": "best"})
+        self.run_dir.plot()
+
+    def save(self, directory, trainer_state: dict | None = None) -> Path:
+        """Write a full checkpoint (weights, tokenizer, AdamW, trainer state) to `directory`."""
+        state = self.trainer_state() if trainer_state is None else trainer_state
+        path = checkpoint.save(directory, self.model, self.optimizer, self.tokenizer, state)
+        self.last_saved_step = state["step"]
+        return path
+
+    def _save_on_interrupt(self) -> None:
+        """Save the state of the last completed step (unless weights were mid-update)."""
+        if self._updating:
+            self.report("interrupted", {"step": self.last_saved_step, "path": None})
+            return
+        path = self.save(self.last_dir, self._snapshot)
+        self.run_dir.log({"event": "interrupted", "step": self._snapshot["step"]})
+        self.report("interrupted", {"step": self._snapshot["step"], "path": str(path)})
+
+    def _diverged(self, what: str, lr: float, step: int | None = None) -> TrainingDiverged:
+        """The error for a non-finite number at `step` (default: the step being taken)."""
+        step = self.step + 1 if step is None else step
+        where = (f"the last good checkpoint, {self.last_dir} (step {self.last_saved_step}), "
+                 "is kept" if self.last_saved_step is not None else "no checkpoint was saved")
+        message = (f"{what} at step {step} (lr {lr:.3g}): training stopped and "
+                   f"{where}; lower lr, raise warmup_iters or set grad_clip, then resume")
+        self.run_dir.log({"event": "diverged", "step": step, "message": message})
+        return TrainingDiverged(message)
+
+    def trainer_state(self) -> dict:
+        """What trainer.json holds: enough, with the weights and AdamW, to continue exactly."""
+        return capture_state(self)
+
+    def _elapsed(self) -> float:
+        if self._clock is None:
+            return self.elapsed_s
+        started, before = self._clock
+        return before + time.perf_counter() - started
