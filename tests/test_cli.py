@@ -52,6 +52,6 @@ def test_bench_config_reports_a_training_step():
 
 
 def test_flops_formula():
-    # 6 * (12 L d^2 + d V) + 12 L T d, as in PERF_NOTES.md
+    # training FLOPs per token: 6 * (12 L d^2 + d V) + 12 L T d (L layers, T context)
     expected = 6 * (12 * 4 * 128**2 + 128 * 512) + 12 * 4 * 128 * 128
     assert flops_per_token(V=512, d=128, L=4, T=128) == expected
