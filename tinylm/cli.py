@@ -21,6 +21,7 @@ COMMANDS = {
     "gradcheck": ("tinylm.gradcheck", "check every layer's backward against finite differences"),
     "bench": ("tinylm.bench", "time full training steps (tokens/s, FLOP/s, memory)"),
     "tokenizer": ("tinylm.tokenizer.cli", "train a BPE tokenizer, encode or decode text"),
+    "serve": ("tinylm.serve.cli", "a local web page that generates and shows why each token won"),
 }
 
 
