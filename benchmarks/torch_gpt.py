@@ -9,13 +9,14 @@ Two jobs, one model:
        python benchmarks/torch_gpt.py --config small --threads 2
        python benchmarks/torch_gpt.py --config small --json            # one JSON line
        python benchmarks/torch_gpt.py --config tiny --weights model.npz  # tinylm's weights
+       python benchmarks/torch_gpt.py --config medium --device cuda      # the GPU peer
 
 2. **Numerical reference**: `scripts/make_reference.py` builds this model in float64
    with the explicit masked-softmax attention (`attention="explicit"`) and records its
    logits, loss, gradients and optimiser steps in `tests/fixtures/gpt_reference.npz`.
 
-Weights move between the two engines in **tinylm's naming and layout** (see
-shared API.md): the module names below are tinylm's (`blocks.0.attn.qkv`, ...), but a
+Weights move between the two engines in **tinylm's naming and layout**, that of
+`GPT.state_dict()`: the module names below are tinylm's (`blocks.0.attn.qkv`, ...), but a
 tinylm `Linear` stores `weight` as (in_features, out_features) with `y = x @ W + b`,
 the transpose of `torch.nn.Linear.weight`. `load_tinylm_state`, `tinylm_params` and
 `tinylm_grads` do that transposition, and nothing else.
@@ -253,6 +254,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="where PyTorch runs (default cpu; cuda: the peer of tinylm on CuPy)")
     p.add_argument("--batch-size", type=int, default=None, help="override the config's batch size")
     p.add_argument("--weights", default=None, help="tinylm-format .npz weights to start from")
     p.add_argument("--attention", choices=ATTENTION_IMPLS, default="sdpa")
@@ -261,6 +264,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.threads < 1:
         p.error("--steps and --threads must be >= 1, --warmup >= 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: this PyTorch sees no CUDA GPU")
     return args
 
 
@@ -288,6 +293,7 @@ def main(argv=None) -> int:
         bias, tie = arch["bias"], arch["tie_weights"]
 
     model = TorchGPT(V, T, C, L, H, bias=bias, tie_weights=tie, attention=args.attention)
+    model.to(args.device)
     if state is not None:
         load_tinylm_state(model, state)
     model.train()
@@ -295,15 +301,16 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(args.seed)
 
     def step() -> float:
-        idx = torch.randint(0, V, (B, T), generator=gen)
-        targets = torch.randint(0, V, (B, T), generator=gen)
+        # Drawn on the host (the same batches on every device), then moved: 2*B*T ids.
+        idx = torch.randint(0, V, (B, T), generator=gen).to(args.device)
+        targets = torch.randint(0, V, (B, T), generator=gen).to(args.device)
         opt.zero_grad(set_to_none=True)
         logits = model(idx)
         loss = F.cross_entropy(logits.view(-1, V), targets.view(-1), label_smoothing=0.1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        return loss.item()  # .item() also makes sure the step has finished
+        return loss.item()  # .item() also waits for the step to finish (on a GPU too)
 
     first_loss = None
     for _ in range(args.warmup):
@@ -319,12 +326,15 @@ def main(argv=None) -> int:
     step_ms = 1000.0 * statistics.median(times)
     tokens_per_s = B * T / (step_ms / 1000.0)
     n_params = sum(p.numel() for p in model.parameters())
-    flops_per_token = 6 * (12 * L * C * C + C * V) + 12 * L * T * C  # PERF_NOTES.md
+    # 6 x matmul parameters (forward + backward) + attention scores and sums, as
+    # tinylm.bench.flops_per_token (Kaplan et al. 2020; PaLM, appendix B)
+    flops_per_token = 6 * (12 * L * C * C + C * V) + 12 * L * T * C
     result = {
         "config": args.config,
         "step_ms_median": round(step_ms, 3),
         "tokens_per_s": round(tokens_per_s, 1),
         "threads": args.threads,
+        "device": args.device,
         "torch_version": torch.__version__,
         "batch_size": B,
         "context_length": T,
@@ -340,7 +350,8 @@ def main(argv=None) -> int:
         print(json.dumps(result))
     else:
         print(
-            f"torch {torch.__version__} eager, {args.threads} thread(s), config {args.config} "
+            f"torch {torch.__version__} eager on {args.device}, {args.threads} thread(s), "
+            f"config {args.config} "
             f"(V={V}, d={C}, L={L}, H={H}, T={T}, B={B}, {n_params:,} params, "
             f"attention={args.attention})"
         )

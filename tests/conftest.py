@@ -32,7 +32,8 @@ def _real_cuda() -> bool:
         return False
 
 
-@pytest.fixture(params=["cpu", "fake-cuda", "cuda"])
+# the real-GPU case carries the `gpu` marker, so `pytest -m gpu` runs exactly those
+@pytest.fixture(params=["cpu", "fake-cuda", pytest.param("cuda", marks=pytest.mark.gpu)])
 def device(request):
     if request.param == "cpu":
         yield "cpu"
