@@ -1,8 +1,11 @@
 """Every notebook in notebooks/ runs top to bottom (nbclient, a fresh kernel each).
 
 A notebook is teaching material that imports tinylm; when a change to tinylm
-breaks one, this test fails and names the notebook and the cell. Figures use
-ipykernel's inline backend, which needs no display.
+breaks one, this test fails and names the notebook and the cell. The notebooks
+`assert` the claims their text makes (a difference is 0, rows sum to 1, cached
+equals uncached, a gradient check passes), so a claim that stops holding fails
+here too, not only a cell that raises. Figures use ipykernel's inline backend,
+which needs no display.
 """
 
 from __future__ import annotations
