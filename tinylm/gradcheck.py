@@ -208,20 +208,24 @@ def randomize_params(layer, rng: np.random.Generator, scale: float = 0.3) -> Non
 
 def suite_cases(device: str = "cpu"):
     """(label, thunk) pairs; each thunk builds a float64 case and returns its results."""
+    from tinylm.lora import LoRALinear, add_lora
     from tinylm.model import GPT, GPTConfig
     from tinylm.nn import (
         GELU,
         MLP,
         Block,
         CausalSelfAttention,
+        DPOLoss,
         Dropout,
         Embedding,
         LayerNorm,
         Linear,
+        Module,
         MoE,
         ReLU,
         RMSNorm,
         RotaryEmbedding,
+        SequenceLogProb,
         SiLU,
         SoftmaxCrossEntropy,
         SwiGLU,
@@ -252,6 +256,61 @@ def suite_cases(device: str = "cpu"):
         targets[0, 2] = -100  # an ignored position
         return check_model(model, ids((2, 7), 13, seed=5), targets,
                            SoftmaxCrossEntropy(label_smoothing=0.1))
+
+    # -- fine-tuning: LoRA adapters, sequence log-probabilities, DPO --
+
+    class DPOOnLogProbs(Module):
+        """DPOLoss as a one-input layer for check_layer: x (2, B) holds the policy's
+        chosen and rejected log-probs; the reference's are constants (no gradient)."""
+
+        def __init__(self, ref, beta):
+            super().__init__()
+            self.loss, self.ref = DPOLoss(beta), ref  # ref (2, B)
+
+        def forward(self, x):
+            return self.loss.forward(x[0], x[1], self.ref[0], self.ref[1])
+
+        def backward(self, dloss):
+            return xp.stack(self.loss.backward(dloss))  # (2, B)
+
+    class DPOOnLogits(Module):
+        """SequenceLogProb then DPOLoss as one loss, `forward(logits, targets) -> float`,
+        `backward() -> dlogits`: logits (2B, T, V) hold the chosen rows, then the rejected
+        ones; the mask and the reference log-probs (2B,) are constants."""
+
+        def __init__(self, mask, ref, beta):
+            super().__init__()
+            self.seq, self.dpo, self.mask, self.ref = SequenceLogProb(), DPOLoss(beta), mask, ref
+
+        def forward(self, logits, targets):
+            B = logits.shape[0] // 2
+            logp = self.seq.forward(logits, targets, self.mask)  # (2B,)
+            return self.dpo.forward(logp[:B], logp[B:], self.ref[:B], self.ref[B:])
+
+        def backward(self, dloss=1.0):
+            return self.seq.backward(xp.concatenate(self.dpo.backward(dloss)))  # (2B, T, V)
+
+    def response_mask(shape, seed=8):  # (B, T) 0/1: a random "prompt" prefix is not counted
+        mask = np.ones(shape)
+        for row, start in enumerate(np.random.default_rng(seed).integers(0, shape[1], shape[0])):
+            mask[row, :start] = 0.0
+        return to_device(mask, xp)
+
+    def lora_case(base, x, rank, alpha):
+        randomize_params(base, np.random.default_rng(3))  # the frozen W and b
+        return layer_case(LoRALinear(base, rank, alpha), x)  # then A and B
+
+    def lora_gpt_case(targets, objective="ce", **cfg_kw):
+        shape = dict(vocab_size=13, context_length=8, d_model=8, n_layers=2, n_heads=2)
+        model = GPT(GPTConfig(**{**shape, **cfg_kw}), seed=0, **kw)
+        randomize_params(model, np.random.default_rng(4), scale=0.2)
+        add_lora(model, rank=2, alpha=4.0, targets=targets)
+        randomize_params(model, np.random.default_rng(9), scale=0.3)  # B != 0: A gets gradient
+        idx, y = ids((4, 7), 13, seed=5), ids((4, 7), 13, seed=6)
+        if objective == "ce":
+            y[0, 2] = -100  # an ignored position
+            return check_model(model, idx, y, SoftmaxCrossEntropy())
+        return check_model(model, idx, y, DPOOnLogits(response_mask((4, 7)), data(4, 11), 0.5))
 
     dropout_train = Dropout(0.3).train()
     ids_with_repeats = to_device(np.array([[1, 3, 1], [3, 3, 0]]), xp)  # (2, 3)
@@ -303,6 +362,25 @@ def suite_cases(device: str = "cpu"):
         ("GPT (MoE: 4 SwiGLU experts, top-2, RoPE)",
          lambda: gpt_case(pos="rope", norm="rmsnorm", mlp="swiglu", n_experts=4,
                           experts_per_token=2, moe_aux_loss_coef=0.1, bias=False)),
+        # -- fine-tuning (tinylm/lora.py, tinylm/nn/preference.py); no "linear" in the
+        # names, so that --only Linear still selects the two Linear cases --
+        ("LoRA layer (rank 3)",
+         lambda: lora_case(on(Linear(5, 7)), data((2, 3, 5)), 3, 6.0)),
+        ("LoRA layer (no bias, rank 1)",
+         lambda: lora_case(on(Linear(6, 4, bias=False)), data((5, 6)), 1, 16.0)),
+        ("SequenceLogProb(prompt masked)",
+         lambda: check_layer(SequenceLogProb(), data((3, 5, 6), scale=2.0),
+                             ids((3, 5), 6, seed=7), response_mask((3, 5)))),
+        ("DPOLoss(beta 0.5)",
+         lambda: check_layer(DPOOnLogProbs(data((2, 5), seed=12, scale=3.0), 0.5),
+                             data((2, 5), seed=13, scale=3.0))),
+        ("SequenceLogProb + DPOLoss (logits)",
+         lambda: check_layer(DPOOnLogits(response_mask((4, 5)), data(4, 11), 0.5),
+                             data((4, 5, 6), scale=2.0), ids((4, 5), 6, seed=7))),
+        ("GPT + LoRA (qkv, proj)", lambda: lora_gpt_case(("attn.qkv", "attn.proj"))),
+        ("GPT (Llama) + LoRA (every block matrix), DPO",
+         lambda: lora_gpt_case("all-linear", "dpo", pos="rope", norm="rmsnorm", mlp="swiglu",
+                               n_heads=4, n_kv_heads=2, bias=False, tie_weights=False)),
     ]
 
 

@@ -11,9 +11,10 @@ from tinylm.nn.module import Module
 from tinylm.nn.moe import MoE
 from tinylm.nn.norm import LayerNorm, RMSNorm
 from tinylm.nn.positions import RotaryEmbedding
+from tinylm.nn.preference import DPOLoss, SequenceLogProb
 
 __all__ = [
     "Module", "Linear", "Embedding", "LayerNorm", "RMSNorm", "GELU", "ReLU", "SiLU", "Dropout",
     "RotaryEmbedding", "CausalSelfAttention", "MLP", "SwiGLU", "MoE", "Block",
-    "SoftmaxCrossEntropy", "KVCache",
+    "SoftmaxCrossEntropy", "KVCache", "SequenceLogProb", "DPOLoss",
 ]
