@@ -36,6 +36,33 @@ def test_bad_argument_is_one_line_not_a_traceback():
     assert "invalid choice: 'huge'" in out.stderr and "Traceback" not in out.stderr
 
 
+def test_bench_json_into_a_directory_is_refused_before_benchmarking(tmp_path, capsys):
+    assert main(["bench", "--config", "tiny", "--json", str(tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1  # refused before the first benchmark
+    assert f"--json {tmp_path}: is a directory; give a file name" in err
+    assert main(["bench", "--config", "tiny", "--json", str(tmp_path / "no" / "b.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not list(tmp_path.parent.glob("*.tmp"))
+
+
+def test_sigterm_exits_143_after_cleaning_up(capsys, monkeypatch):
+    """SIGTERM raises (as Ctrl-C does) so `finally` blocks run: exit 128 + 15."""
+    import os
+    import signal
+
+    import tinylm.gradcheck
+
+    def terminated(args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop the command")
+
+    monkeypatch.setattr(tinylm.gradcheck, "run", terminated)
+    assert main(["gradcheck"]) == 143
+    assert capsys.readouterr().err == "tinylm gradcheck: stopped by SIGTERM\n"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # put back
+
+
 def test_cuda_without_gpu_is_one_line(monkeypatch, capsys):
     from tinylm import backend
 

@@ -32,6 +32,7 @@ def test_non_utf8_names_the_file_and_byte_offset(tmp_path):
         with pytest.raises(ValueError) as err:
             list(data.text_blocks(path, block_bytes))
         assert str(path) in str(err.value) and f"byte offset {bad_offset}" in str(err.value)
+        assert "e9" not in str(err.value)  # the file's bytes are not quoted
     with pytest.raises(ValueError, match="not UTF-8"):
         data.prepare(path, "char", tmp_path / "run")
 
@@ -87,6 +88,9 @@ def test_prepare_caches_memory_maps_and_splits_90_10(tmp_path, text_file):
     assert d.tokenizer.decode(d.val[:50].tolist()) == SHAKESPEARE[18_000:18_050]
     note = json.loads((run / "tokens.json").read_text())
     assert note["tokens"] == 20_000 and note["source_sha256"] == d.source_sha256
+    # the text's fingerprint, by which a resumed run checks the file it names
+    assert d.describe()["bytes"] == text_file.stat().st_size == note["source_bytes"]
+    assert d.describe()["sha256"] == data.file_sha256(text_file)
 
     again = data.prepare(text_file, "char", run)
     assert again.cached and np.array_equal(again.tokens, d.tokens)
@@ -120,6 +124,14 @@ def test_token_files_are_written_atomically_and_a_damaged_note_rebuilds(tmp_path
     (run / "tokens.json").write_text(note.replace("{", '{"tokens": 1,', 1))  # "tokens" twice
     assert not data.prepare(text_file, "char", run).cached
     assert data.prepare(text_file, "char", run).cached
+
+    # a cache whose note matches but whose ids are not the tokenizer's (a run directory
+    # from elsewhere) is rebuilt, not fed to the model
+    ids = np.load(run / "tokens.npy")
+    ids[123] = 60_000
+    np.save(run / "tokens.npy", ids)
+    rebuilt = data.prepare(text_file, "char", run)
+    assert not rebuilt.cached and rebuilt.tokens.max() < rebuilt.tokenizer.vocab_size
 
 
 def test_loaded_tokenizer_file(tmp_path, text_file):

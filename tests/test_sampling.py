@@ -21,6 +21,7 @@ from tinylm.backend import get_xp, to_device, to_numpy, xp_of
 from tinylm.cli import main
 from tinylm.generate_cli import text_pieces
 from tinylm.sampling import (
+    MIN_TEMPERATURE,
     SamplingSettings,
     apply_repetition_penalty,
     beam_search,
@@ -137,14 +138,25 @@ def test_filter_logits_is_pure_and_marks_removed_tokens_with_minus_inf():
 
 
 @pytest.mark.parametrize("bad", [
-    dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_k=0), dict(top_k=2.5),
-    dict(top_p=0.0), dict(top_p=1.5), dict(min_p=-0.1), dict(repetition_penalty=0.0),
+    dict(temperature=-1.0), dict(temperature=float("nan")), dict(temperature=1e-320),
+    dict(temperature=float("inf")), dict(top_k=0), dict(top_k=2.5), dict(top_p=0.0),
+    dict(top_p=1.5), dict(top_p=float("nan")), dict(min_p=-0.1), dict(min_p=float("nan")),
+    dict(repetition_penalty=0.0), dict(repetition_penalty=1e-320),
+    dict(repetition_penalty=float("inf")),
 ])
 def test_bad_settings_are_errors(bad):
     with pytest.raises(ValueError):
         SamplingSettings(**bad)
     with pytest.raises(ValueError):
         filter_logits(LOGITS, **bad)
+
+
+def test_the_smallest_temperature_still_gives_probabilities():
+    """1e-320 would overflow the logits to inf and the softmax to NaN; the smallest
+    temperature allowed gives greedy's answer, as finite probabilities."""
+    probs = next_token_probs(LOGITS * 1e3, temperature=MIN_TEMPERATURE)
+    assert np.isfinite(probs).all() and probs.argmax() == LOGITS.argmax()
+    assert probs.sum() == pytest.approx(1.0)
 
 
 # ---------------------------------------------------------------------------
@@ -536,11 +548,19 @@ def test_cli_streams_token_by_token(fake_checkpoint, monkeypatch):
 @pytest.mark.parametrize("args, message", [
     ((), "--checkpoint DIR"),
     (("--checkpoint", "c", "--prompt", ""), "--prompt is empty"),
-    (("--checkpoint", "c", "--temperature", "-1"), "--temperature must be >= 0"),
+    (("--checkpoint", "c", "--temperature", "-1"), "--temperature must be 0 (greedy) or a"),
+    (("--checkpoint", "c", "--temperature", "1e-320"), "finite number >= 1e-06, got 1e-320"),
+    (("--checkpoint", "c", "--temperature", "nan"), "--temperature must be 0 (greedy)"),
+    (("--checkpoint", "c", "--temperature", "inf"), "--temperature must be 0 (greedy)"),
+    (("--checkpoint", "c", "--top-p", "nan"), "--top-p must be in (0, 1]"),
+    (("--checkpoint", "c", "--min-p", "nan"), "--min-p must be in [0, 1]"),
+    (("--checkpoint", "c", "--repetition-penalty", "nan"), "--repetition-penalty must be in"),
+    (("--checkpoint", "c", "--beam-width", "2", "--length-penalty", "inf"),
+     "--length-penalty must be a finite number"),
     (("--checkpoint", "c", "--top-k", "0"), "--top-k must be >= 1"),
     (("--checkpoint", "c", "--top-p", "1.5"), "--top-p must be in (0, 1]"),
     (("--checkpoint", "c", "--min-p", "2"), "--min-p must be in [0, 1]"),
-    (("--checkpoint", "c", "--repetition-penalty", "0"), "--repetition-penalty must be > 0"),
+    (("--checkpoint", "c", "--repetition-penalty", "0"), "--repetition-penalty must be in [1e-06"),
     (("--checkpoint", "c", "--num-samples", "0"), "--num-samples must be >= 1"),
     (("--checkpoint", "c", "--max-new-tokens", "-5"), "--max-new-tokens must be >= 0"),
     (("--checkpoint", "c", "--beam-width", "2", "--top-k", "3"), "--top-k only apply to sampling"),

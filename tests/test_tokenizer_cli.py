@@ -35,6 +35,18 @@ def test_train_writes_a_tokenizer(trained):
     assert tok.merges == BPETokenizer.train(CORPUS[:20_000], 300).merges
 
 
+def test_train_refuses_an_output_that_is_a_directory_before_training(tmp_path, capsys):
+    (tmp_path / "c.txt").write_text(CORPUS[:5_000], encoding="utf-8")
+    (tmp_path / "out").mkdir()
+    for out, message in ((tmp_path / "out", "is a directory; give a file name"),
+                         (tmp_path / "no" / "tok.json", "does not exist")):
+        code = main(["tokenizer", "train", "--input", str(tmp_path / "c.txt"), "--out", str(out),
+                     "--no-progress"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and f"--out {out}: " in err and message in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.txt", "out"]  # no *.tmp
+
+
 def test_train_reports_and_shows_progress(tmp_path, capsys):
     (tmp_path / "c.txt").write_text(CORPUS[:5_000], encoding="utf-8")
     code = main(["tokenizer", "train", "--input", str(tmp_path / "c.txt"), "--vocab-size", "280",

@@ -4,13 +4,17 @@ bitwise resume, Ctrl-C, divergence, best checkpoint, log and plot, the command l
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import math
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,6 +37,9 @@ from tinylm.train import (
     parse_field_value,
     read_log,
 )
+from tinylm.training.lock import RunDirectoryBusy
+from tinylm.training.memory import step_memory_bytes
+from tinylm.training.signals import StopRequested
 
 SHAKESPEARE = bundled_text_path().read_text(encoding="utf-8")
 
@@ -120,6 +127,67 @@ def test_set_values_are_typed_by_the_field():
         parse_field_value("lr", "fast")
     with pytest.raises(ValueError, match="unknown TrainConfig field nope"):
         parse_field_value("nope", "1")
+
+
+FLOAT_FIELDS = [f.name for f in dataclasses.fields(TrainConfig)
+                if typing.get_type_hints(TrainConfig)[f.name] is float]
+
+
+@pytest.mark.parametrize("name", FLOAT_FIELDS)
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_every_float_field_must_be_finite(name, value):
+    """grad_clip=nan used to train, then fail to save (all steps lost); lr=inf, rope_theta=inf,
+    ... passed their range checks."""
+    with pytest.raises(ValueError, match=f"TrainConfig.{name} must be a finite number"):
+        TrainConfig(**{name: value})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("n_layers", 100_000, "GPTConfig.n_layers must be <= 4096, got 100000 (valid: 1 to 4096)"),
+    ("context_length", 2**20 + 1, "GPTConfig.context_length must be <= 1048576"),
+    ("d_model", 2**17, "GPTConfig.d_model must be <= 65536"),
+    ("vocab_size", 2**24 + 1, "GPTConfig.vocab_size must be <= 16777216"),
+    ("mlp_hidden", 2**21, "GPTConfig.mlp_hidden must be <= 1048576"),
+    ("n_experts", 5000, "GPTConfig.n_experts must be <= 4096"),
+    ("norm_eps", math.inf, "GPTConfig.norm_eps must be a number > 0 and < 1"),
+    ("norm_eps", 1.0, "GPTConfig.norm_eps must be a number > 0 and < 1"),
+    ("rope_theta", math.nan, "GPTConfig.rope_theta must be a number > 0 (finite)"),
+    ("dropout", math.nan, "GPTConfig.dropout must be in [0, 1)"),
+    ("moe_aux_loss_coef", math.inf, "GPTConfig.moe_aux_loss_coef must be a number >= 0"),
+])
+def test_gpt_config_bounds_name_the_field_and_range(field, value, message):
+    shape = dict(vocab_size=65, context_length=16, d_model=16, n_layers=1, n_heads=2)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        GPTConfig(**{**shape, field: value})
+
+
+def test_an_absurd_batch_is_refused_before_anything_is_allocated(tiny, tmp_path, capsys):
+    config = tiny(batch_size=100_000_000)
+    with pytest.raises(ValueError, match="a training step needs at least .* GiB of memory, "
+                                         "more than .*batch_size 100000000"):
+        Trainer(config)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+    assert main(["train", "--out", str(tmp_path / "r"), "--set", "batch_size=100000000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "lower batch_size" in err
+
+
+def test_the_step_memory_estimate_is_a_lower_bound(tiny):
+    """Measured with tracemalloc (NumPy reports its allocations to it): the estimate
+    never exceeds a real step's peak, so it never refuses a step that would fit."""
+    import tracemalloc
+
+    config = tiny(batch_size=16, max_iters=1, eval_interval=100)
+    trainer = Trainer(config)
+    tracemalloc.start()
+    trainer.train_step()
+    trainer.train_step()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    trainer.close()
+    estimate = step_memory_bytes(config, trainer.tokenizer.vocab_size)
+    params = trainer.model.num_parameters() * 4  # the weights existed before tracing
+    assert estimate <= peak + params
 
 
 def test_model_fields_are_gpt_configs_declared_once():
@@ -237,7 +305,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tiny, stop):
     first = Trainer(config, reporter=stopper)
     with pytest.raises(KeyboardInterrupt):
         first.train()
-    assert ("interrupted", {"step": stop, "path": str(first.last_dir)}) in stopper.events
+    assert ("interrupted", {"step": stop, "path": str(first.last_dir),
+                            "signal": "SIGINT"}) in stopper.events
     assert checkpoint.read_trainer_state(first.last_dir)["step"] == stop
 
     resumed = Trainer(config, resume=first.last_dir)
@@ -265,6 +334,86 @@ def test_real_ctrl_c_saves_the_last_completed_step(tiny):
     for name, w in weights(trainer.model).items():
         assert np.array_equal(ck.model.state_dict()[name], w)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_saves_the_last_completed_step_as_ctrl_c_does(tiny, sig, code):
+    """SIGTERM: what a scheduler or `docker stop` sends; SIGHUP: a closed terminal."""
+    def terminate(event, info):
+        if event == "step" and info["step"] == 3:
+            os.kill(os.getpid(), sig)
+
+    trainer = Trainer(tiny(), reporter=terminate)
+    with pytest.raises(StopRequested) as stop:
+        trainer.train()
+    assert stop.value.signal_name == sig.name and stop.value.exit_code == code
+    assert checkpoint.read_trainer_state(trainer.last_dir)["step"] == 3
+    assert read_log(trainer.log_path)[-1] == {"event": "interrupted", "step": 3,
+                                              "signal": sig.name}
+    assert signal.getsignal(sig) is signal.SIG_DFL  # handler restored
+    assert Trainer(tiny(), resume=trainer.last_dir).train()["step"] == 8
+
+
+def test_an_ignored_signal_stays_ignored(tiny):
+    """`nohup` ignores SIGHUP so that a run outlives its terminal: it must go on."""
+    def hang_up(event, info):
+        if event == "step" and info["step"] == 3:
+            os.kill(os.getpid(), signal.SIGHUP)
+
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        assert Trainer(tiny(), reporter=hang_up).train()["step"] == 8
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_sigterm_in_the_command_exits_143(tmp_path, text_file, capsys, monkeypatch):
+    real = Trainer.train_step
+
+    def terminated_at_3(self):
+        info = real(self)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return info
+
+    monkeypatch.setattr(Trainer, "train_step", terminated_at_3)
+    assert main(tiny_args(text_file, tmp_path / "run") + ["--max-iters", "6"]) == 143
+    out, err = capsys.readouterr()
+    assert "stopped by SIGTERM: saved the state after step 3" in out
+    assert err == "tinylm train: stopped by SIGTERM\n"
+    assert checkpoint.read_trainer_state(tmp_path / "run" / "last")["step"] == 3
+
+
+def test_resuming_from_best_trains_on_to_max_iters(tiny, tmp_path):
+    """The best checkpoint is usually behind last/: resuming from it continues from its
+    step, to max_iters, exactly as the run that produced it would have."""
+    config = tiny(max_iters=12, eval_interval=4)
+    straight = Trainer(config.replace(out_dir=config.out_dir + "-straight"))
+    straight.train()
+
+    first = Trainer(config, reporter=StopAt(5))  # after the evaluation at step 4
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert checkpoint.read_trainer_state(first.best_dir)["step"] == 4
+    early_best = tmp_path / "best-at-4"
+    shutil.copytree(first.best_dir, early_best)
+    Trainer(config, resume=first.last_dir).train()  # on to 12
+    shutil.rmtree(first.best_dir)
+    shutil.copytree(early_best, first.best_dir)  # as if step 4 had stayed the best
+
+    resumed = Trainer(config, resume=first.best_dir)
+    assert resumed.step == 4
+    assert resumed.train()["step"] == 12
+    assert_bitwise_equal(straight, resumed)
+    steps = [r["step"] for r in read_log(resumed.log_path) if r["event"] == "step"]
+    assert steps == list(range(1, 13))
+
+
+def test_resuming_past_max_iters_says_so(tiny):
+    Trainer(tiny(max_iters=4)).train()
+    with pytest.raises(ValueError, match="is at step 4, past max_iters \\(2\\)"):
+        Trainer(tiny(max_iters=2), resume=tiny().out_dir + "/last")
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny):
@@ -310,6 +459,145 @@ def test_resume_refuses_a_different_model(tiny):
     first.train()
     with pytest.raises(ValueError, match="different model or tokenizer: d_model 16 -> 32"):
         Trainer(tiny(d_model=32), resume=first.last_dir)
+
+
+def test_a_fresh_run_refuses_a_directory_of_other_files(tiny, tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "log.jsonl").write_text("my own notes\n")
+    for overwrite in (False, True):  # --overwrite is about runs, not about other files
+        with pytest.raises(ValueError, match="mine is not empty and holds no tinylm run"):
+            Trainer(tiny(out_dir=str(mine)), overwrite=overwrite)
+    assert sorted(p.name for p in mine.iterdir()) == ["log.jsonl"]  # not even a .lock
+    assert (mine / "log.jsonl").read_text() == "my own notes\n"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Trainer(tiny(out_dir=str(empty), max_iters=1)).train()  # an empty directory is fine
+
+
+def test_a_run_directory_without_a_checkpoint_is_reused(tiny):
+    """A run killed while tokenizing leaves .lock and the token cache: still a run."""
+    trainer = Trainer(tiny(max_iters=1))
+    trainer.close()  # as if killed before its first checkpoint
+    assert sorted(p.name for p in trainer.out_dir.iterdir()) == [".lock", "tokens.json",
+                                                                  "tokens.npy"]
+    assert Trainer(tiny(max_iters=1)).train()["step"] == 1
+
+
+def test_one_run_per_directory(tiny):
+    first = Trainer(tiny(max_iters=2))
+    with pytest.raises(RunDirectoryBusy, match=f"run is in use by another tinylm run "
+                                               f"\\(pid {os.getpid()}; lock file .*run/.lock"):
+        Trainer(tiny(max_iters=2), overwrite=True)
+    first.train()  # unaffected; the lock goes when train() ends
+    assert Trainer(tiny(max_iters=4), resume=first.last_dir).train()["step"] == 4
+
+
+def test_leftovers_of_a_killed_save_are_removed(tiny):
+    Trainer(tiny(max_iters=2)).train()
+    run = Path(tiny().out_dir)
+    (run / "last.tmp").mkdir()
+    (run / "last.tmp" / "model.npz").write_bytes(b"half a file")
+    (run / "loss.png.tmp").write_bytes(b"half a plot")
+    Trainer(tiny(max_iters=4), resume=run / "last").train()
+    assert not list(run.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("name", ["last", "best", "log.jsonl", "tokens.npy"])
+def test_a_symlink_in_the_run_directory_is_refused_before_training(tiny, tmp_path, name):
+    """checkpoint.save cannot replace a linked last/ ("Cannot call rmtree on a symbolic
+    link"): every save would fail and the steps since the last one be lost."""
+    Trainer(tiny(max_iters=2)).train()
+    run = Path(tiny().out_dir)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (run / name).rename(elsewhere / name)
+    (run / name).symlink_to(elsewhere / name)
+    resume = elsewhere / "last" if name == "last" else run / "last"
+    with pytest.raises(ValueError, match=f"run/{name} is a symbolic link"):
+        Trainer(tiny(max_iters=4), resume=resume)
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tiny, monkeypatch):
+    real = checkpoint.save
+    calls = []
+
+    def disk_full_at_step_4(path, model, optimizer, tokenizer, state):
+        calls.append(state["step"])
+        if state["step"] == 4:
+            (path.with_name(path.name + ".tmp")).mkdir()  # what a real save starts with
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, model, optimizer, tokenizer, state)
+
+    monkeypatch.setattr(checkpoint, "save", disk_full_at_step_4)
+    trainer = Trainer(tiny(max_iters=8, eval_interval=2))
+    with pytest.raises(OSError) as err:
+        trainer.train()
+    message = str(err.value)
+    assert "No space left on device: training stopped at step 4" in message
+    assert f"the last good checkpoint, {trainer.last_dir} (step 2), is kept" in message
+    assert f"tinylm train --resume {trainer.out_dir}" in message
+    assert checkpoint.read_trainer_state(trainer.last_dir)["step"] == 2
+    assert not list(trainer.out_dir.glob("*.tmp"))
+
+
+def test_trainer_json_cannot_make_resume_read_another_file(tmp_path, text_file, capsys):
+    """A checkpoint is a file from anywhere: its saved config must not make a resumed run
+    read (and train on, and print samples of) a file of the checkpoint's choosing."""
+    out = tmp_path / "run"
+    assert main(tiny_args(text_file, out) + ["--max-iters", "2", "--samples", "0"]) == 0
+    secret = tmp_path / "secret.txt"
+    secret.write_text("SECRET-CONTENT " * 100)
+    state_file = out / "last" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state["config"]["data"] = str(secret)
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--max-iters", "4", "--samples", "0"]) == 2
+    out_text, err = capsys.readouterr()
+    assert err.count("\n") == 1 and "is not the file this run was trained on" in err
+    assert f"{state_file}" in err and "--data FILE" in err
+    assert "SECRET" not in out_text + err.replace(str(secret), "")
+    # the data given on the command line is the user's own choice
+    assert main(["train", "--resume", str(out), "--max-iters", "4", "--samples", "0",
+                 "--data", str(text_file), "--no-progress"]) == 0
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("step", -1, "step"), ("step", "3", "step"), ("step", True, "step"),
+    ("last_eval", [1, 2], "last_eval"), ("best_val_loss", "low", "best_val_loss"),
+    ("rng", {"batches": [1, 2], "eval": None, "dropout": []}, "rng"),
+])
+def test_a_damaged_trainer_state_is_one_line_naming_the_file(tmp_path, text_file, capsys,
+                                                            key, value, message):
+    out = tmp_path / "run"
+    assert main(tiny_args(text_file, out) + ["--max-iters", "2", "--samples", "0"]) == 0
+    state_file = out / "last" / "trainer.json"
+    state = json.loads(state_file.read_text())
+    state[key] = value
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(out), "--max-iters", "4", "--samples", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and str(state_file) in err and message in err, err
+
+
+def test_out_dir_naming_a_file_is_one_line(tmp_path, text_file, capsys):
+    assert main(tiny_args(text_file, text_file)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "out_dir names a file, not a directory" in err
+
+
+def test_generate_finds_a_run_s_checkpoint_as_resume_does(tiny, capsys):
+    """A save cut off between its renames leaves only "<name>.old": both commands use it."""
+    trainer = Trainer(tiny(max_iters=2))
+    trainer.train()
+    trainer.best_dir.rename(trainer.best_dir.with_name("best.old"))
+    trainer.last_dir.rename(trainer.last_dir.with_name("last.old"))
+    assert main(["generate", "--checkpoint", str(trainer.out_dir), "--max-new-tokens", "5",
+                 "--seed", "0"]) == 0
+    assert Trainer(tiny(max_iters=4), resume=trainer.last_dir).train()["step"] == 4
 
 
 # -- best checkpoint, log, plot -------------------------------------------------------------

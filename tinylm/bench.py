@@ -140,6 +140,10 @@ def run(args) -> int:
         return 0
     if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.repeat < 1:
         raise ValueError("--steps, --repeat and --threads must be >= 1 and --warmup >= 0")
+    if args.json:
+        from tinylm.cli import check_output_file
+
+        check_output_file(args.json, "--json")  # before the benchmarks, not after them
     if args.compare_torch:
         if not TORCH_SCRIPT.exists():
             raise FileNotFoundError(f"--compare-torch needs {TORCH_SCRIPT} (a source checkout)")
@@ -176,7 +180,10 @@ def run(args) -> int:
                   flush=True)
         all_results.append({"config": name, "summary": summary, "rounds": rounds})
     if args.json:
-        write_json(args.json, all_results)
+        from tinylm.cli import naming
+
+        with naming(args.json):
+            write_json(args.json, all_results)
     return 0
 
 

@@ -4,14 +4,19 @@ Each subcommand lives in its own module with two functions:
 `configure(parser)` adds its options and `run(args) -> int` does the work.
 Bad arguments, bad files and OS errors give a one-line error (exit code 2),
 never a traceback (`--debug` or TINYLM_DEBUG=1 shows the traceback behind one).
+Ctrl-C exits with 130, SIGTERM with 143 and SIGHUP with 129 (128 + the signal's
+number, the shell's convention), after the command's cleanup: they raise, as
+Ctrl-C does, so no temporary file is left behind (tinylm/training/signals.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
+from pathlib import Path
 
 # name -> (module, one-line help). Modules are imported only when used, so
 # `tinylm --help` stays fast and one command's dependencies never slow another.
@@ -48,11 +53,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = [a for a in argv if a != "--debug"]
     command = next((a for a in argv if not a.startswith("-")), None)
     args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    from tinylm.training.signals import stop_signals_raise  # signals only: a light import
+
     try:
-        return int(args._run(args) or 0)
-    except KeyboardInterrupt:
-        print(f"tinylm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        with stop_signals_raise():
+            return int(args._run(args) or 0)
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)  # StopRequested knows its signal
+        what = "interrupted" if code == 130 else f"stopped by {exc.signal_name}"
+        print(f"tinylm {args.command}: {what}", file=sys.stderr)
+        return code
     except MemoryError:
         if debug:
             raise
@@ -67,6 +77,31 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"tinylm {args.command}: error: {describe(exc)}", file=sys.stderr)
         return 2
+
+
+def check_output_file(path, option: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a directory, or
+    one in a directory that does not exist (else an hour of work ends in an error)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{option} {path}: is a directory; give a file name")
+    parent = path.parent
+    if not parent.is_dir():
+        raise FileNotFoundError(f"{option} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise PermissionError(f"{option} {path}: directory {parent} is not writable")
+
+
+@contextlib.contextmanager
+def naming(path):
+    """Let an OSError from inside name `path` when it names no file: a failed write()
+    on an open file says "No space left on device", but not where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
 
 
 def describe(exc: BaseException) -> str:

@@ -9,6 +9,7 @@ fields from this class (tinylm/training/config.py) and shows the same help in
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,17 @@ POS_KINDS = ("learned", "sinusoidal", "rope", "none")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLP_KINDS = ("gelu", "relu", "swiglu")
+
+# Upper bounds of the integer fields: far beyond any model tinylm can train and any
+# published checkpoint (Llama 3 405B: 126 layers, d_model 16384, 53248 MLP units,
+# 128,256 ids, 131,072 positions), yet low enough that a typo (`--set n_layers=100000`)
+# or a hostile config.json fails here, naming the field, rather than as a MemoryError
+# deep inside an allocation.
+MAX_INT_FIELDS = {
+    "vocab_size": 2**24, "context_length": 2**20, "d_model": 2**16, "n_layers": 4096,
+    "n_heads": 2**16, "mlp_hidden": 2**20, "n_kv_heads": 2**16, "sliding_window": 2**20,
+    "n_experts": 4096, "experts_per_token": 4096,
+}
 
 
 def _field(default, doc: str, variant: bool = False):
@@ -78,8 +90,7 @@ class GPTConfig:
                 f"GPTConfig.d_model ({self.d_model}) must be divisible by "
                 f"GPTConfig.n_heads ({self.n_heads})"
             )
-        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        _check_real("dropout", self.dropout, "in [0, 1)", lambda p: 0.0 <= p < 1.0)
         for name in ("bias", "tie_weights"):
             if not isinstance(getattr(self, name), bool):
                 value = getattr(self, name)
@@ -89,10 +100,9 @@ class GPTConfig:
             if getattr(self, name) not in kinds:
                 raise ValueError(f"GPTConfig.{name} must be one of {kinds}, "
                                  f"got {getattr(self, name)!r}")
-        for name in ("rope_theta", "norm_eps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-                raise ValueError(f"GPTConfig.{name} must be a number > 0, got {value!r}")
+        _check_real("rope_theta", self.rope_theta, "a number > 0 (finite)", lambda t: t > 0)
+        # an epsilon of 1 or more would swamp the variance it is added to
+        _check_real("norm_eps", self.norm_eps, "a number > 0 and < 1", lambda e: 0 < e < 1)
         if self.pos == "rope" and self.head_size % 2 != 0:
             raise ValueError(f"GPTConfig.pos='rope' needs an even head size, but d_model "
                              f"({self.d_model}) / n_heads ({self.n_heads}) = {self.head_size}")
@@ -110,9 +120,8 @@ class GPTConfig:
         if self.n_experts > 0 and self.experts_per_token > self.n_experts:
             raise ValueError(f"GPTConfig.experts_per_token ({self.experts_per_token}) must be "
                              f"<= GPTConfig.n_experts ({self.n_experts})")
-        coef = self.moe_aux_loss_coef
-        if isinstance(coef, bool) or not isinstance(coef, (int, float)) or not coef >= 0:
-            raise ValueError(f"GPTConfig.moe_aux_loss_coef must be a number >= 0, got {coef!r}")
+        _check_real("moe_aux_loss_coef", self.moe_aux_loss_coef, "a number >= 0 (finite)",
+                    lambda c: c >= 0)
 
     @property
     def head_size(self) -> int:
@@ -152,8 +161,20 @@ VARIANT_FIELDS = tuple(f.name for f in dataclasses.fields(GPTConfig) if f.metada
 
 
 def _check_int(name: str, value, minimum: int, or_none: bool = False) -> None:
+    """An int field in [minimum, MAX_INT_FIELDS[name]]; the error names the range."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         kind = "an int or None" if or_none else "an int"
         raise TypeError(f"GPTConfig.{name} must be {kind}, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"GPTConfig.{name} must be >= {minimum}, got {value}")
+    maximum = MAX_INT_FIELDS[name]
+    if not minimum <= value <= maximum:
+        side = f">= {minimum}" if value < minimum else f"<= {maximum}"
+        raise ValueError(f"GPTConfig.{name} must be {side}, got {value} "
+                         f"(valid: {minimum} to {maximum})")
+
+
+def _check_real(name: str, value, rule: str, ok) -> None:
+    """A float field: a finite number (NaN and infinity pass most comparisons' negation
+    unnoticed, then poison every activation) for which ok(value) holds."""
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if not real or not math.isfinite(value) or not ok(value):
+        raise ValueError(f"GPTConfig.{name} must be {rule}, got {value!r}")

@@ -67,14 +67,14 @@ def resolve_data_path(path) -> Path:
 
 
 def _decode(path: Path, raw: bytes, offset: int) -> str:
-    """Strict UTF-8 decoding; an error names the file and the byte offset in it."""
+    """Strict UTF-8 decoding; an error names the file and the byte offset in it, and
+    quotes none of its bytes (the file may not be the user's to show: see resume.py)."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        bad = raw[exc.start:exc.start + 4].hex(" ")
         raise ValueError(
-            f"{path} is not UTF-8 text: {exc.reason} at byte offset {offset + exc.start} "
-            f"(bytes {bad}); convert it to UTF-8 first"
+            f"{path} is not UTF-8 text: {exc.reason} at byte offset {offset + exc.start}; "
+            "convert it to UTF-8 first"
         ) from None
 
 
@@ -224,12 +224,17 @@ def encode_file(data_path, tokenizer, out_path, *, block_bytes: int = BLOCK_BYTE
                     raise ValueError(
                         f"{data_path}: cannot tokenize the block at byte offset {offset}: {exc}"
                     ) from None
-                np.asarray(ids, dtype=dtype).tofile(raw)
+                # write(), not tofile(): on a full disk it raises with the OS's reason
+                raw.write(np.asarray(ids, dtype=dtype).tobytes())
                 n += len(ids)
                 offset += len(block.encode("utf-8"))
         with atomic_write(out_path) as out, open(raw_path, "rb") as raw:
             _write_npy_header(out, dtype, n)
             shutil.copyfileobj(raw, out)  # the raw ids are the .npy's data, byte for byte
+    except OSError as exc:  # a failed write() says "No space left on device", not where
+        if exc.filename is None:
+            exc.filename = str(out_path)
+        raise
     finally:
         raw_path.unlink(missing_ok=True)
     return n
@@ -254,11 +259,14 @@ class TokenData:
     source: Path  # the text file
     source_sha256: str
     cached: bool  # True when tokens.npy was reused rather than written
+    source_bytes: int | None = None  # the text file's size
 
     def describe(self) -> dict:
+        """The record trainer.json keeps: the text's fingerprint (size and SHA-256), by
+        which a resumed run checks the file its saved config names (training/resume.py)."""
         return {"source": str(self.source), "sha256": self.source_sha256,
-                "tokens": int(len(self.tokens)), "train_tokens": int(len(self.train)),
-                "val_tokens": int(len(self.val))}
+                "bytes": self.source_bytes, "tokens": int(len(self.tokens)),
+                "train_tokens": int(len(self.train)), "val_tokens": int(len(self.val))}
 
 
 def prepare(data, tokenizer, cache_dir, *, vocab_size: int = 512,
@@ -293,7 +301,7 @@ def prepare(data, tokenizer, cache_dir, *, vocab_size: int = 512,
         "source_sha256": file_sha256(path), "tokenizer_sha256": tokenizer_fingerprint(tok),
         "dtype": token_dtype(tok.vocab_size).name,
     }
-    cached = _cache_matches(npy, note_path, note)
+    cached = _cache_matches(npy, note_path, note, tok.vocab_size)
     if not cached:
         report(f"tokenizing {path} with {tok!r}")
         note["tokens"] = encode_file(path, tok, npy)
@@ -307,20 +315,25 @@ def prepare(data, tokenizer, cache_dir, *, vocab_size: int = 512,
             f"(train) and {len(val)} (validation) tokens, and each needs at least "
             f"{min_tokens} (context_length + 1); use more text or a smaller context_length"
         )
-    return TokenData(tokens, train, val, tok, path, note["source_sha256"], cached)
+    return TokenData(tokens, train, val, tok, path, note["source_sha256"], cached,
+                     note["source_bytes"])
 
 
-def _cache_matches(npy: Path, note_path: Path, note: dict) -> bool:
-    """True when tokens.npy exists and its note matches `note` (text, tokenizer, dtype)."""
+def _cache_matches(npy: Path, note_path: Path, note: dict, vocab_size: int) -> bool:
+    """True when tokens.npy exists, its note matches `note` (text, tokenizer, dtype) and
+    every id is one of the tokenizer's (a run directory may come from elsewhere: an id
+    out of range would fail deep in the model, as an IndexError)."""
     if not (npy.is_file() and note_path.is_file()):
         return False
     try:
         old = read_json(note_path, what="token cache note")
-        header = np.load(npy, mmap_mode="r")
+        tokens = np.load(npy, mmap_mode="r")
     except (OSError, ValueError):
         return False  # a damaged cache is simply rebuilt
     same = all(old.get(k) == v for k, v in note.items() if k != "source")
-    return same and header.ndim == 1 and len(header) == old.get("tokens")
+    if not (same and tokens.ndim == 1 and len(tokens) == old.get("tokens")):
+        return False
+    return len(tokens) == 0 or int(tokens.max()) < vocab_size  # one pass over the file
 
 
 # ---------------------------------------------------------------------------

@@ -20,6 +20,7 @@ import argparse
 import codecs
 import contextlib
 import inspect
+import math
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -198,6 +199,8 @@ def _print_stream(prompt: str, pieces: Iterable[str]) -> None:
 
 def _check_args(args) -> None:
     """Range checks, with the option's name in the message (one line via tinylm.cli)."""
+    from tinylm.sampling import MIN_TEMPERATURE, check_temperature
+
     if args.checkpoint is None and args.hf_gpt2 is None:
         raise ValueError("give the model to sample from: --checkpoint DIR (a tinylm checkpoint) "
                          "or --hf-gpt2 DIR (a Hugging Face GPT-2 directory)")
@@ -209,17 +212,21 @@ def _check_args(args) -> None:
         raise ValueError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.beam_width < 1:
         raise ValueError(f"--beam-width must be >= 1, got {args.beam_width}")
-    if args.temperature is not None and not args.temperature >= 0:
-        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {args.temperature}")
+    if args.temperature is not None:
+        check_temperature(args.temperature, "--temperature")
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
     if args.top_p is not None and not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     if args.min_p is not None and not 0 <= args.min_p <= 1:
         raise ValueError(f"--min-p must be in [0, 1], got {args.min_p}")
-    if args.repetition_penalty is not None and not args.repetition_penalty > 0:
-        raise ValueError(f"--repetition-penalty must be > 0 (1 = off), "
-                         f"got {args.repetition_penalty}")
+    if args.repetition_penalty is not None:
+        penalty = args.repetition_penalty
+        if not MIN_TEMPERATURE <= penalty <= 1 / MIN_TEMPERATURE:  # NaN fails both
+            raise ValueError(f"--repetition-penalty must be in [{MIN_TEMPERATURE:g}, "
+                             f"{1 / MIN_TEMPERATURE:g}] (1 = off), got {penalty}")
+    if args.length_penalty is not None and not math.isfinite(args.length_penalty):
+        raise ValueError(f"--length-penalty must be a finite number, got {args.length_penalty}")
     if args.beam_width > 1:
         sampling_only = [flag for flag, value in (
             ("--temperature", args.temperature), ("--top-k", args.top_k),
@@ -238,15 +245,12 @@ def _check_args(args) -> None:
 
 def _checkpoint_in(path: str) -> str:
     """A checkpoint directory, or a run directory of `tinylm train`: then its best/
-    checkpoint (lowest validation loss), else its last/ one."""
-    from pathlib import Path
+    checkpoint (lowest validation loss), else its last/ one; each found as
+    `train --resume` finds it, through the ".old" a cut-off save leaves."""
+    from tinylm.training.rundir import find_checkpoint
 
-    if (Path(path) / "config.json").is_file():
-        return path
-    for name in ("best", "last"):
-        if (Path(path) / name / "config.json").is_file():
-            return str(Path(path) / name)
-    return path  # not a run directory: load() names what is missing
+    found = find_checkpoint(path, ("best", "last"))
+    return path if found is None else str(found)  # None: load() names what is missing
 
 
 def _load(args, device):

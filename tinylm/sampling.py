@@ -68,22 +68,37 @@ class SamplingSettings:
     repetition_penalty: float = 1.0  # CTRL (Keskar et al. 2019): > 1 discourages repeats
 
     def __post_init__(self):
-        if not _is_real(self.temperature) or not 0.0 <= self.temperature < math.inf:
-            raise ValueError(f"temperature must be a number >= 0 (0 = greedy), "
-                             f"got {self.temperature!r}")
+        check_temperature(self.temperature)
         if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be an int >= 1 or None, got {self.top_k!r}")
         if self.top_p is not None and (not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0):
             raise ValueError(f"top_p must be in (0, 1] or None, got {self.top_p!r}")
         if self.min_p is not None and (not _is_real(self.min_p) or not 0.0 <= self.min_p <= 1.0):
             raise ValueError(f"min_p must be in [0, 1] or None, got {self.min_p!r}")
-        if not _is_real(self.repetition_penalty) or not 0.0 < self.repetition_penalty < math.inf:
-            raise ValueError(f"repetition_penalty must be a number > 0 (1 = off), "
-                             f"got {self.repetition_penalty!r}")
+        penalty = self.repetition_penalty
+        if not _is_real(penalty) or not MIN_TEMPERATURE <= penalty <= 1 / MIN_TEMPERATURE:
+            raise ValueError(f"repetition_penalty must be a number in [{MIN_TEMPERATURE:g}, "
+                             f"{1 / MIN_TEMPERATURE:g}] (1 = off), got {penalty!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+# Dividing logits by a temperature near 0 overflows them to infinity (1e-320 does,
+# for any logit above ~1e-12), and inf - inf in the softmax is NaN: every
+# probability NaN. Below 1e-6 sampling is greedy to within rounding anyway, so such
+# a temperature is refused: 0 asks for greedy decoding. (A repetition penalty divides
+# or multiplies logits the same way, so it is kept within [1e-6, 1e6].)
+MIN_TEMPERATURE = 1e-6
+
+
+def check_temperature(temperature, name: str = "temperature") -> None:
+    """0 (greedy) or a finite number >= MIN_TEMPERATURE; else ValueError naming `name`."""
+    if not _is_real(temperature) or not (
+            temperature == 0 or MIN_TEMPERATURE <= temperature < math.inf):
+        raise ValueError(f"{name} must be 0 (greedy) or a finite number >= "
+                         f"{MIN_TEMPERATURE:g}, got {temperature!r}")
 
 
 def _is_real(x) -> bool:

@@ -83,6 +83,9 @@ def run(args) -> int:
 
 
 def run_train(args) -> int:
+    from tinylm.cli import check_output_file, naming
+
+    check_output_file(args.out, "--out")  # before the training, not after it
     text = _read_text(args.input)
     start = time.perf_counter()
     if args.type == "char":
@@ -96,7 +99,8 @@ def run_train(args) -> int:
         tok = BPETokenizer.train(text, args.vocab_size, pattern, args.special,
                                  trainer=args.trainer, progress=progress)
     seconds = time.perf_counter() - start
-    tok.save(args.out)
+    with naming(args.out):
+        tok.save(args.out)
     n_tokens = len(tok.encode(text, allowed_special="all") if args.type == "bpe" else text)
     print(f"{tok!r} trained in {seconds:.2f} s; the training text is "
           f"{len(text.encode('utf-8')) / n_tokens:.2f} bytes per token; wrote {args.out}")

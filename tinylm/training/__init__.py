@@ -5,7 +5,10 @@
     presets.py   PRESETS: nanoGPT's recipes and their Llama / MoE variants
     trainer.py   Trainer: the loop, one step, evaluation (start reading here)
     resume.py    what trainer.json holds, and restoring it (bitwise resume)
-    rundir.py    the run directory: log.jsonl, loss.png, last/ and best/; the Ctrl-C guard
+    rundir.py    the run directory: log.jsonl, loss.png, last/ and best/; what may be written
+    lock.py      one run per directory: the lock on out_dir/.lock
+    signals.py   SIGINT and SIGTERM: stop at a step boundary, save, exit 130 or 143
+    memory.py    what a step needs in memory: absurd settings are refused before they run
     console.py   what `tinylm train` prints (configuration, progress bar, result)
     cli.py       the `tinylm train` command: options, configuration layers, samples
 """

@@ -17,6 +17,7 @@ import numpy as np
 
 from tinylm import checkpoint
 from tinylm.backend import DEVICES, to_numpy
+from tinylm.sampling import check_temperature
 from tinylm.training.config import (
     TrainConfig,
     check_field_names,
@@ -25,6 +26,8 @@ from tinylm.training.config import (
 )
 from tinylm.training.console import ConsoleReporter, format_config, print_result
 from tinylm.training.presets import DEFAULT_PRESET, PRESET_HELP, PRESETS
+from tinylm.training.resume import saved_data_path
+from tinylm.training.rundir import find_checkpoint
 from tinylm.training.trainer import Trainer
 
 
@@ -42,8 +45,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--config", metavar="FILE.json",
                    help='JSON object of fields to override, e.g. {"max_iters": 500} '
                         '(a "preset" key picks the preset; a preset name also works here)')
-    g.add_argument("--set", dest="overrides", action="append", default=[],
-                   metavar="KEY=VALUE", help="override one field (repeatable), e.g. --set lr=3e-4")
+    g.add_argument("--set", dest="overrides", action="extend", nargs="+", default=[],
+                   metavar="KEY=VALUE",
+                   help="override fields (repeatable), e.g. --set lr=3e-4 max_iters=500")
     g.add_argument("--data", metavar="FILE", help="UTF-8 text file to train on (field data)")
     g.add_argument("--tokenizer", metavar="char|bpe|FILE",
                    help="'char', 'bpe' (trained on the data) or a tokenizer file (field tokenizer)")
@@ -105,13 +109,20 @@ def build_config(args) -> tuple[TrainConfig, str, set[str], str | None]:
         run_dir = Path(args.resume)
     else:
         run_dir = Path(overrides.get("out_dir") or PRESETS[preset or DEFAULT_PRESET].out_dir)
-    ckpt_dir = run_dir if checkpoint.is_checkpoint(run_dir) else run_dir / "last"
-    if not checkpoint.is_checkpoint(ckpt_dir):
-        raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (looked for {ckpt_dir})")
+    ckpt_dir = find_checkpoint(run_dir, ("last",))  # as `generate --checkpoint` finds it
+    if ckpt_dir is None:
+        raise FileNotFoundError(f"no checkpoint to resume in {run_dir} (looked for "
+                                f"{run_dir / 'last'}, and {run_dir} itself)")
+    where = ckpt_dir / "trainer.json"
     state = checkpoint.read_trainer_state(ckpt_dir)
     if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
         raise ValueError(f"{ckpt_dir}: cannot resume: no trainer.json with a training config")
-    saved = TrainConfig.from_dict(state["config"], f"{ckpt_dir}/trainer.json")
+    try:
+        saved = TrainConfig.from_dict(state["config"], str(where))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{where}: bad saved config: {exc}") from None
+    if "data" not in overrides:  # the saved path is trusted only if it is the same file
+        overrides["data"] = saved_data_path(state, where)
     overrides.setdefault("out_dir", str(ckpt_dir.parent))  # the run directory it is in
     changed = {k for k, v in overrides.items() if getattr(saved, k) != v}
     return saved.replace(**overrides), f"resuming {ckpt_dir}", changed, str(ckpt_dir)
@@ -145,8 +156,10 @@ def _overrides(args) -> tuple[str | None, dict]:
 
 def run(args) -> int:
     config, source, overridden, resume = build_config(args)
-    if args.samples < 0 or args.sample_tokens < 0 or args.top_k < 0 or args.temperature < 0:
-        raise ValueError("--samples, --sample-tokens, --top-k and --temperature must be >= 0")
+    if args.samples < 0 or args.sample_tokens < 0 or args.top_k < 0:
+        raise ValueError("--samples, --sample-tokens and --top-k must be >= 0")
+    if args.samples:  # checked now, not after the whole run
+        check_temperature(args.temperature, "--temperature")
     print(f"tinylm train: {source} (* = overridden)")
     print(format_config(config, overridden), flush=True)
     if args.dry_run:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from dataclasses import dataclass, field
 
 from tinylm.backend import DEVICES
-from tinylm.config import GPTConfig
+from tinylm.config import MAX_INT_FIELDS, GPTConfig
 from tinylm.fileio import read_json
 
 
@@ -133,6 +134,13 @@ class TrainConfig(_ModelFields):
         def bad(name, rule):
             raise ValueError(f"TrainConfig.{name} must be {rule}, got {getattr(self, name)!r}")
 
+        # Infinity passes `lr > 0` and NaN fails every comparison, so a range check
+        # alone lets them through (grad_clip=nan trained, then could not be saved):
+        # every float field is checked to be finite first.
+        for name in field_names():
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(name, "a finite number")
         for name in ("vocab_size", "tokenizer_train_chars", "batch_size", "grad_accum_steps",
                      "eval_interval", "eval_iters", "log_interval"):
             if getattr(self, name) < 1:
@@ -140,18 +148,21 @@ class TrainConfig(_ModelFields):
         for name in ("max_iters", "warmup_iters", "seed"):
             if getattr(self, name) < 0:
                 bad(name, ">= 0")
+        if self.vocab_size > MAX_INT_FIELDS["vocab_size"]:
+            bad("vocab_size", f"<= {MAX_INT_FIELDS['vocab_size']} (GPTConfig's limit)")
         if not 0.0 < self.val_fraction < 1.0:
             bad("val_fraction", "in (0, 1)")
         for name in ("beta1", "beta2", "dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 bad(name, "in [0, 1)")
-        if not self.lr > 0 or not self.eps > 0:
-            raise ValueError(f"TrainConfig.lr and eps must be > 0, got {self.lr}, {self.eps}")
+        for name in ("lr", "eps"):
+            if not getattr(self, name) > 0:
+                bad(name, "> 0")
         if not 0 <= self.min_lr <= self.lr:
             bad("min_lr", f"in [0, lr={self.lr}]")
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0, got "
-                             f"{self.weight_decay}, {self.grad_clip}")
+        for name in ("weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                bad(name, ">= 0 (grad_clip 0: no clipping)" if name == "grad_clip" else ">= 0")
         if self.lr_decay_iters is not None and self.lr_decay_iters < self.warmup_iters:
             bad("lr_decay_iters", f">= warmup_iters ({self.warmup_iters})")
         if self.tokenizer == "bpe" and self.vocab_size < 256:

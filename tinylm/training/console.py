@@ -69,12 +69,14 @@ class ConsoleReporter:
 
     def _interrupted(self, info: dict) -> None:
         self.close()
+        signal = info.get("signal", "SIGINT")
+        what = "interrupted" if signal == "SIGINT" else f"stopped by {signal}"
         if info["path"]:
-            self.print(f"interrupted: saved the state after step {info['step']} to "
+            self.print(f"{what}: saved the state after step {info['step']} to "
                        f"{info['path']}; continue with: tinylm train --resume "
                        f"{Path(info['path']).parent}")
         else:
-            self.print(f"interrupted mid-update: the last checkpoint (step {info['step']}) "
+            self.print(f"{what} mid-update: the last checkpoint (step {info['step']}) "
                        "is kept")
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ uninterrupted one (resume.py).
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -34,8 +35,11 @@ from tinylm.model import GPT
 from tinylm.nn import SoftmaxCrossEntropy
 from tinylm.optim import AdamW, clip_grad_norm, cosine_schedule
 from tinylm.training.config import TrainConfig
+from tinylm.training.lock import RunLock
+from tinylm.training.memory import check_step_memory
 from tinylm.training.resume import capture_state, open_checkpoint, restore_state
-from tinylm.training.rundir import DeferredInterrupt, RunDir
+from tinylm.training.rundir import RunDir, naming
+from tinylm.training.signals import DeferredInterrupt
 
 
 class TrainingDiverged(RuntimeError):
@@ -59,7 +63,11 @@ class Trainer:
 
     `resume`: a checkpoint (directory or `checkpoint.Checkpoint`) written by a
     Trainer; the run continues from it. Otherwise an existing checkpoint in
-    out_dir is an error unless `overwrite=True`.
+    out_dir is an error unless `overwrite=True`; so is, always, a non-empty out_dir
+    that holds no run (its files would be replaced).
+
+    The Trainer locks out_dir (lock.py) from construction until train() returns or
+    raises (or close()): a second Trainer, in this process or another, is refused.
     """
 
     def __init__(self, config: TrainConfig, *, reporter=None, resume=None,
@@ -72,6 +80,26 @@ class Trainer:
         self.out_dir, self.last_dir, self.best_dir = run.path, run.last_dir, run.best_dir
         self.log_path, self.plot_path = run.log_path, run.plot_path
         self.device = resolve_device(cfg.device)
+        # Refusals that need nothing written or allocated come first: a step that cannot
+        # fit (the vocabulary may still grow: checked again below), a directory this run
+        # cannot or must not write.
+        check_step_memory(cfg, _known_vocab_size(cfg, resume), self.device)
+        run.check_layout()
+        if resume is None or _run_dir_of(resume) != run.path.resolve():
+            run.check_not_foreign()
+        # The lock is held from here (the token cache is written under it) to the end of
+        # train(); a run that fails to start lets it go at once.
+        self._lock = RunLock(run.path).acquire()
+        try:
+            self._open(resume, overwrite)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _open(self, resume, overwrite: bool) -> None:
+        """The rest of __init__, under the run directory's lock."""
+        cfg, run = self.config, self.run_dir
+        run.remove_leftovers()  # of a process killed mid-write: none can be writing now
         if resume is None and not overwrite:
             run.check_unused()
         ckpt = None if resume is None else open_checkpoint(resume, cfg, self.device)
@@ -86,6 +114,7 @@ class Trainer:
         if ckpt is not None:
             self.model = ckpt.model
         else:
+            check_step_memory(cfg, self.tokenizer.vocab_size, self.device)
             self.model = GPT(cfg.gpt_config(self.tokenizer.vocab_size), seed=cfg.seed,
                              device=self.device, dtype=cfg.dtype)
         self.model.train()
@@ -102,10 +131,13 @@ class Trainer:
         self.last_eval: dict | None = None  # {"step", "train_loss", "val_loss", "val_ppl"}
         self.elapsed_s = 0.0  # wall time spent in train() (evaluations included), all sessions
         self._clock = None  # (perf_counter at the start of this train() call, elapsed_s then)
-        self.last_saved_step: int | None = None
+        self.last_saved_step: int | None = None  # the step out_dir/last holds
         if ckpt is not None:
             restore_state(self, ckpt)
-            self.last_saved_step = self.step
+            if self.step > cfg.max_iters:
+                raise ValueError(f"{ckpt.path} is at step {self.step}, past max_iters "
+                                 f"({cfg.max_iters}): give a larger --max-iters to continue")
+            self.last_saved_step = _step_in(self.last_dir)
             run.start_log(self.step, evaluated=(self.last_eval or {}).get("step") == self.step)
         else:
             run.start_log()
@@ -113,34 +145,44 @@ class Trainer:
         self._snapshot = self.trainer_state()
         self._updating = False  # True while weights and AdamW state are being changed
 
+    def close(self) -> None:
+        """Let go of the run directory's lock (train() does, when it returns or raises)."""
+        self._lock.release()
+
     # -- the loop ---------------------------------------------------------------------
 
     def train(self) -> dict:
         """Train to max_iters (evaluating, saving, logging); returns the final numbers.
 
-        Ctrl-C (or a KeyboardInterrupt from the reporter) saves out_dir/last at the
-        last completed step and re-raises. A non-finite loss raises TrainingDiverged.
+        Ctrl-C, SIGTERM or SIGHUP (or a KeyboardInterrupt from the reporter) saves
+        out_dir/last at the last completed step and re-raises (a signal as
+        StopRequested, a KeyboardInterrupt that knows its signal: signals.py). A
+        non-finite loss raises TrainingDiverged; a failed write (a full disk) an
+        OSError saying which checkpoint is kept.
         """
         cfg = self.config
-        self._start()
+        self._lock.acquire()  # again, for a second train() (a no-op while held)
         try:
-            with DeferredInterrupt() as ctrl_c:
+            self._start()
+            with DeferredInterrupt() as stop:  # SIGINT, SIGTERM, SIGHUP: stop at a boundary
                 while True:
                     if self._eval_due():
                         self._evaluate_and_save()
-                    if ctrl_c.requested:
-                        raise KeyboardInterrupt
+                    stop.stop_if_requested()
                     if self.step >= cfg.max_iters:
                         break
                     info = self.train_step()
                     if self.step % cfg.log_interval == 0:
                         self.run_dir.log({"event": "step", **info, "time_s": self._elapsed()})
                     self.report("step", info)
-        except KeyboardInterrupt:
-            self._save_on_interrupt()
+        except KeyboardInterrupt as exc:
+            self._save_on_interrupt(getattr(exc, "signal_name", "SIGINT"))
             raise
+        except OSError as exc:  # a full disk, a directory made read-only: say what is kept
+            raise self._write_failed(exc) from exc
         finally:
             self.elapsed_s, self._clock = self._elapsed(), None
+            self._lock.release()
         result = self.result()
         self.report("end", result)
         return result
@@ -253,36 +295,69 @@ class Trainer:
         self._snapshot = self.trainer_state()
         self.run_dir.log({"event": "eval", **ev, "best": best, "time_s": self._elapsed()})
         self.report("eval", {**ev, "best": best})
-        self.report("checkpoint", {"path": str(self.save(self.last_dir, self._snapshot)),
-                                   "step": self.step, "kind": "last"})
+        # best/ before last/: a run killed between the two saves resumes from the older
+        # last/, redoes this evaluation and saves best/ again; the other order would
+        # resume past a best checkpoint that was never written.
         if best:
             self.report("checkpoint", {"path": str(self.save(self.best_dir, self._snapshot)),
                                        "step": self.step, "kind": "best"})
+        self.report("checkpoint", {"path": str(self.save(self.last_dir, self._snapshot)),
+                                   "step": self.step, "kind": "last"})
         self.run_dir.plot()
 
     def save(self, directory, trainer_state: dict | None = None) -> Path:
-        """Write a full checkpoint (weights, tokenizer, AdamW, trainer state) to `directory`."""
+        """Write a full checkpoint (weights, tokenizer, AdamW, trainer state) to `directory`.
+
+        checkpoint.save is atomic: if it fails (a full disk), the previous checkpoint is
+        untouched; its temporary "<directory>.tmp/" is removed here, so none is left."""
         state = self.trainer_state() if trainer_state is None else trainer_state
-        path = checkpoint.save(directory, self.model, self.optimizer, self.tokenizer, state)
-        self.last_saved_step = state["step"]
+        directory = Path(directory)
+        try:
+            with naming(directory):
+                path = checkpoint.save(directory, self.model, self.optimizer, self.tokenizer,
+                                       state)
+        except BaseException:
+            tmp = directory.with_name(directory.name + ".tmp")
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if directory == self.last_dir:
+            self.last_saved_step = state["step"]
         return path
 
-    def _save_on_interrupt(self) -> None:
+    def _save_on_interrupt(self, signal_name: str) -> None:
         """Save the state of the last completed step (unless weights were mid-update)."""
         if self._updating:
-            self.report("interrupted", {"step": self.last_saved_step, "path": None})
+            self.report("interrupted", {"step": self.last_saved_step, "path": None,
+                                        "signal": signal_name})
             return
-        path = self.save(self.last_dir, self._snapshot)
-        self.run_dir.log({"event": "interrupted", "step": self._snapshot["step"]})
-        self.report("interrupted", {"step": self._snapshot["step"], "path": str(path)})
+        try:
+            path = self.save(self.last_dir, self._snapshot)
+            self.run_dir.log({"event": "interrupted", "step": self._snapshot["step"],
+                              "signal": signal_name})
+        except OSError as exc:  # the disk filled up: the previous checkpoint is what is left
+            raise self._write_failed(exc) from exc
+        self.report("interrupted", {"step": self._snapshot["step"], "path": str(path),
+                                    "signal": signal_name})
+
+    def _write_failed(self, exc: OSError) -> OSError:
+        """The error for a write that failed mid-run: what failed, and what is kept."""
+        what = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or str(exc)
+        message = (f"{what}: training stopped at step {self.step}; {self._kept()}; make room "
+                   f"(or fix the directory), then: tinylm train --resume {self.out_dir}")
+        return OSError(exc.errno, message)
+
+    def _kept(self) -> str:
+        """Which checkpoint a stopped run leaves to resume from."""
+        if self.last_saved_step is None:
+            return "no checkpoint was saved"
+        return f"the last good checkpoint, {self.last_dir} (step {self.last_saved_step}), is kept"
 
     def _diverged(self, what: str, lr: float, step: int | None = None) -> TrainingDiverged:
         """The error for a non-finite number at `step` (default: the step being taken)."""
         step = self.step + 1 if step is None else step
-        where = (f"the last good checkpoint, {self.last_dir} (step {self.last_saved_step}), "
-                 "is kept" if self.last_saved_step is not None else "no checkpoint was saved")
         message = (f"{what} at step {step} (lr {lr:.3g}): training stopped and "
-                   f"{where}; lower lr, raise warmup_iters or set grad_clip, then resume")
+                   f"{self._kept()}; lower lr, raise warmup_iters or set grad_clip, then resume")
         self.run_dir.log({"event": "diverged", "step": step, "message": message})
         return TrainingDiverged(message)
 
@@ -295,3 +370,31 @@ class Trainer:
             return self.elapsed_s
         started, before = self._clock
         return before + time.perf_counter() - started
+
+
+def _known_vocab_size(config: TrainConfig, resume) -> int:
+    """The vocabulary size as far as it is known before the data is read: the
+    checkpoint's, BPE's target, else 1 (a char vocabulary is known after reading)."""
+    if isinstance(resume, checkpoint.Checkpoint):
+        return resume.config.vocab_size
+    if resume is not None:
+        try:
+            return int(checkpoint.read_meta(resume)["model"]["vocab_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return 1  # load() reports a damaged checkpoint properly, later
+    return config.vocab_size if config.tokenizer == "bpe" else 1
+
+
+def _run_dir_of(resume) -> Path:
+    """The run directory a checkpoint to resume is in (its parent)."""
+    path = resume.path if isinstance(resume, checkpoint.Checkpoint) else Path(resume)
+    return path.resolve().parent
+
+
+def _step_in(directory) -> int | None:
+    """The step a checkpoint directory holds, or None (no checkpoint, or unreadable)."""
+    try:
+        step = (checkpoint.read_trainer_state(directory) or {}).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
