@@ -315,7 +315,7 @@ def test_supported_config_variants(ckpt, expected):
                        "= 32 / 4 wide"),
     ({"model_type": "gpt2"}, "model_type is 'gpt2'; only Llama ('llama') and Mistral"),
     ({"model_type": "qwen2"}, "model_type is 'qwen2'"),
-    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps is '1e-6'; expected a number > 0"),
+    ({"rms_norm_eps": "1e-6"}, "rms_norm_eps is '1e-6'; expected a finite number > 0"),
     ({"tie_word_embeddings": "yes"}, "tie_word_embeddings must be true or false, got 'yes'"),
     ({"num_key_value_heads": 3},
      "n_heads (4) must be a multiple of GPTConfig.n_kv_heads (3)"),

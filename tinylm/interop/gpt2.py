@@ -43,13 +43,16 @@ import math
 import re
 from pathlib import Path
 
+from tinylm.fileio import shorten
 from tinylm.interop.hf import (
     CONFIG_FILE,
     HEAD,
     WEIGHTS_FILE,
     HFCheckpointError,
     build_model,
+    check_limits,
     check_tensors,
+    check_weights_fit,
     failing_in,
     head_from_hf,
     layer_names,
@@ -59,6 +62,7 @@ from tinylm.interop.hf import (
     strip_prefix,
     write_directory,
 )
+from tinylm.limits import is_finite_number
 from tinylm.model import GPT, GPTConfig
 
 MODEL_CLASS = "GPT2LMHeadModel"  # transformers' class, named in the pickle-conversion hint
@@ -140,13 +144,18 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE, dropout: float = 0.0) ->
     if not isinstance(hf, dict):
         fail(f"expected a JSON object, got {type(hf).__name__}")
     if hf.get("model_type", "gpt2") != "gpt2":
-        fail(f"model_type is {hf['model_type']!r}; only GPT-2 ('gpt2') checkpoints are supported")
+        fail(f"model_type is {shorten(hf['model_type'])}; only GPT-2 ('gpt2') checkpoints "
+             "are supported")
     if "n_positions" not in hf and "n_ctx" in hf:  # very old configs
         hf = {**hf, "n_positions": hf["n_ctx"]}
     required = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
     missing = [key for key in required if key not in hf]
     if missing:
         fail(f"missing {missing}; a GPT-2 config.json needs {list(required)}")
+
+    for key in required:  # before any arithmetic: "4 * n_embd" of a string is a string
+        if isinstance(hf[key], bool) or not isinstance(hf[key], int):
+            fail(f"{key} is {shorten(hf[key])}; expected an int")
 
     n_embd = hf["n_embd"]
     n_inner = hf.get("n_inner")
@@ -155,26 +164,29 @@ def config_from_hf(hf: dict, source: str = CONFIG_FILE, dropout: float = 0.0) ->
              "(n_inner null or equal to that is supported)")
     activation = hf.get("activation_function", "gelu_new")
     if activation not in TANH_GELUS:
-        fail(f"activation_function is {activation!r}; tinylm's GELU is the tanh approximation, "
-             f"which GPT-2 calls one of {list(TANH_GELUS)}")
+        fail(f"activation_function is {shorten(activation)}; tinylm's GELU is the tanh "
+             f"approximation, which GPT-2 calls one of {list(TANH_GELUS)}")
     eps = hf.get("layer_norm_epsilon", LAYER_NORM_EPS)
-    if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-9):
-        fail(f"layer_norm_epsilon is {eps!r}; tinylm's LayerNorm uses {LAYER_NORM_EPS}")
+    if not is_finite_number(eps) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-9):
+        fail(f"layer_norm_epsilon is {shorten(eps)}; tinylm's LayerNorm uses {LAYER_NORM_EPS}")
     for key, want in (("scale_attn_weights", True), ("scale_attn_by_inverse_layer_idx", False),
                       ("add_cross_attention", False)):
         if hf.get(key, want) != want:
-            fail(f"{key} is {hf[key]!r}; tinylm's attention needs {key} = {json.dumps(want)}")
+            fail(f"{key} is {shorten(hf[key])}; tinylm's attention needs "
+                 f"{key} = {json.dumps(want)}")
     # reorder_and_upcast_attn only changes the order and precision of the same sums
     # (for fp16 training), not the function, so it is accepted.
     tied = hf.get("tie_word_embeddings", True)
     if not isinstance(tied, bool):
-        fail(f"tie_word_embeddings must be true or false, got {tied!r}")
+        fail(f"tie_word_embeddings must be true or false, got {shorten(tied)}")
     try:
-        return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"],
-                         d_model=n_embd, n_layers=hf["n_layer"], n_heads=hf["n_head"],
-                         dropout=dropout, bias=True, tie_weights=tied)
-    except (TypeError, ValueError) as exc:
-        fail(f"not a valid model shape: {exc}")
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["n_positions"],
+                        d_model=n_embd, n_layers=hf["n_layer"], n_heads=hf["n_head"],
+                        dropout=dropout, bias=True, tie_weights=tied)
+    except (TypeError, ValueError, OverflowError) as exc:
+        fail(f"not a valid model shape: {shorten(exc)}")
+    check_limits(cfg, source)  # before the per-layer tables of names and shapes
+    return cfg
 
 
 def config_to_hf(cfg: GPTConfig, eos_token_id: int | None = None) -> dict:
@@ -249,6 +261,7 @@ def from_hf_gpt2(directory, device: str = "cpu", dtype="float32", dropout: float
     directory = Path(directory)
     cfg = config_from_hf(read_config(directory, "GPT-2"), str(directory / CONFIG_FILE), dropout)
     tensors, source = read_weights(directory, MODEL_CLASS)
+    check_weights_fit(cfg, tensors, str(directory / CONFIG_FILE), source)
     return build_model(cfg, state_from_hf(tensors, cfg, source), device, dtype)
 
 

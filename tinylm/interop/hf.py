@@ -21,7 +21,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 
-from tinylm.fileio import FileFormatError, read_json, write_json
+from tinylm import limits
+from tinylm.fileio import FileFormatError, read_json, shorten, write_json
 from tinylm.interop.safetensors import load_file, read_header, save_file
 from tinylm.model import GPT, GPTConfig
 
@@ -31,8 +32,9 @@ INDEX_FILE = "model.safetensors.index.json"  # sharded checkpoints (big models)
 HEAD = "lm_head.weight"  # the output projection, (V, C), outside the prefixed model
 
 
-class HFCheckpointError(ValueError):
-    """A Hugging Face checkpoint that tinylm cannot load as it is."""
+class HFCheckpointError(FileFormatError):
+    """A Hugging Face checkpoint that tinylm cannot load as it is (a FileFormatError, so
+    a ValueError); the message starts with the file it is about."""
 
 
 # ---------------------------------------------------------------------------
@@ -97,7 +99,7 @@ def _read_shards(index: Path) -> dict[str, np.ndarray]:
     for shard in sorted(set(weight_map.values())):
         path = shard_path(index, shard)
         if not path.is_file():
-            raise FileNotFoundError(f"{index}: lists shard {shard}, which is missing")
+            raise FileNotFoundError(f"{index}: lists shard {shorten(shard)}, which is missing")
         names = [name for name, file in weight_map.items() if file == shard]
         absent = sorted(set(names) - set(read_header(path)[0]))
         if absent:
@@ -125,6 +127,23 @@ def shard_path(index: Path, shard: str) -> Path:
 # ---------------------------------------------------------------------------
 # Names and checks
 # ---------------------------------------------------------------------------
+
+
+def check_limits(cfg: GPTConfig, source: str) -> None:
+    """`cfg`, just read from the config.json `source`, within tinylm.limits: checked
+    before any table of per-layer names is built or any memory allocated."""
+    limits.check_config(cfg, source, error=HFCheckpointError)
+
+
+def check_weights_fit(cfg: GPTConfig, tensors: dict, config_file: str, weights: str) -> None:
+    """The weights (read from `weights`, memory-mapped) hold at least the tensors and the
+    bytes that `cfg` implies, checked before the per-layer tables of names and shapes
+    are built (a Hugging Face model has as many tensors as tinylm's or more: Llama
+    splits q, k and v)."""
+    n_tensors, params = limits.count(cfg)
+    limits.check_fits(config_file, weights, params=params, tensors=n_tensors,
+                      max_bytes=sum(a.nbytes for a in tensors.values()),
+                      max_tensors=len(tensors), error=HFCheckpointError)
 
 
 def failing_in(source: str):
@@ -168,10 +187,10 @@ def strip_prefix(tensors: dict, prefix: str, fail) -> dict[str, np.ndarray]:
 def check_tensors(plain: dict, shapes: dict, cfg: GPTConfig, *, ignored: re.Pattern, what: str,
                   shape_note: str, fail) -> None:
     """Every tensor of `shapes` ({name: shape}, lm_head included) must be in `plain`
-    (lm_head only when the head is untied) with that shape and a floating dtype, and
-    nothing else may be, but for buffers matching `ignored`. `what` ("a GPT-2 with
-    n_layer=2") and `shape_note` (the config.json keys behind the shapes) go into the
-    messages; `fail(message)` raises."""
+    (lm_head only when the head is untied) with that shape, a floating dtype and
+    finite values, and nothing else may be, but for buffers matching `ignored`.
+    `what` ("a GPT-2 with n_layer=2") and `shape_note` (the config.json keys behind
+    the shapes) go into the messages; `fail(message)` raises."""
     expected = set(shapes) - ({HEAD} if cfg.tie_weights else set())
     missing = sorted(expected - set(plain), key=natural)
     if missing:
@@ -188,6 +207,10 @@ def check_tensors(plain: dict, shapes: dict, cfg: GPTConfig, *, ignored: re.Patt
                  f"({shape_note})")
         if array.dtype.kind != "f":
             fail(f"{key} has dtype {array.dtype}, expected floating-point weights")
+    for key in sorted(set(shapes) & set(plain), key=natural):
+        array = plain[key]  # (memory-mapped: min and max read it once, no temporary)
+        if array.size and not (np.isfinite(array.min()) and np.isfinite(array.max())):
+            fail(f"{key} holds NaN or infinite values (a diverged run or a damaged file)")
 
 
 def head_from_hf(plain: dict, cfg: GPTConfig, embedding: str, fail) -> dict:

@@ -46,13 +46,16 @@ from pathlib import Path
 
 import numpy as np
 
+from tinylm.fileio import shorten
 from tinylm.interop.hf import (
     CONFIG_FILE,
     HEAD,
     WEIGHTS_FILE,
     HFCheckpointError,
     build_model,
+    check_limits,
     check_tensors,
+    check_weights_fit,
     failing_in,
     head_from_hf,
     layer_names,
@@ -62,6 +65,7 @@ from tinylm.interop.hf import (
     strip_prefix,
     write_directory,
 )
+from tinylm.limits import is_finite_number
 from tinylm.model import GPT, GPTConfig
 from tinylm.nn.mlp import swiglu_hidden
 
@@ -150,47 +154,51 @@ def config_from_hf_llama(hf: dict, source: str = CONFIG_FILE, dropout: float = 0
     if not isinstance(hf, dict):
         fail(f"expected a JSON object, got {type(hf).__name__}")
     model_type = hf.get("model_type", "llama")
-    if model_type not in ARCHITECTURES:
-        fail(f"model_type is {model_type!r}; only Llama ('llama') and Mistral ('mistral') "
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        fail(f"model_type is {shorten(model_type)}; only Llama ('llama') and Mistral ('mistral') "
              "checkpoints are supported here (GPT-2: tinylm.interop.from_hf_gpt2)")
     missing = [key for key in REQUIRED if key not in hf]
     if missing:
         fail(f"missing {missing}; a {model_type} config.json needs {list(REQUIRED)}")
     for key in REQUIRED:  # (GPTConfig would read mlp_hidden=None as "the default width")
         if isinstance(hf[key], bool) or not isinstance(hf[key], int):
-            fail(f"{key} is {hf[key]!r}; expected an int")
+            fail(f"{key} is {shorten(hf[key])}; expected an int")
     hf = {**DEFAULTS[model_type], **hf}
 
     activation = hf["hidden_act"]
     if activation not in SILUS:
-        fail(f"hidden_act is {activation!r}; tinylm's SwiGLU gates with SiLU, which transformers "
-             f"calls one of {list(SILUS)}")
+        fail(f"hidden_act is {shorten(activation)}; tinylm's SwiGLU gates with SiLU, which "
+             f"transformers calls one of {list(SILUS)}")
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key, False) is not False:
-            fail(f"{key} is {hf[key]!r}; tinylm's Llama has no biases ({key} = false)")
+            fail(f"{key} is {shorten(hf[key])}; tinylm's Llama has no biases ({key} = false)")
     n_embd, n_head = hf["hidden_size"], hf["num_attention_heads"]
     head_dim = hf.get("head_dim")
+    if head_dim is not None and (isinstance(head_dim, bool) or not isinstance(head_dim, int)):
+        fail(f"head_dim is {shorten(head_dim)}; expected an int or null")
     if head_dim is not None and n_head > 0 and head_dim * n_head != n_embd:
-        fail(f"head_dim is {head_dim!r}; tinylm's heads are hidden_size / num_attention_heads = "
-             f"{n_embd} / {n_head} wide (head_dim null or equal to that is supported)")
+        fail(f"head_dim is {head_dim}; tinylm's heads are hidden_size / num_attention_heads "
+             f"= {n_embd} / {n_head} wide (head_dim null or equal to that is supported)")
     theta = _rope_theta(hf, fail)
     eps = hf["rms_norm_eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
-        fail(f"rms_norm_eps is {eps!r}; expected a number > 0")
+    if not is_finite_number(eps) or not eps > 0:
+        fail(f"rms_norm_eps is {shorten(eps)}; expected a finite number > 0")
     tied = hf["tie_word_embeddings"]
     if not isinstance(tied, bool):
-        fail(f"tie_word_embeddings must be true or false, got {tied!r}")
+        fail(f"tie_word_embeddings must be true or false, got {shorten(tied)}")
     n_kv = hf["num_key_value_heads"]
     window = hf.get("sliding_window") if model_type == "mistral" else None  # Llama has none
     try:
-        return GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
-                         d_model=n_embd, n_layers=hf["num_hidden_layers"], n_heads=n_head,
-                         n_kv_heads=n_head if n_kv is None else n_kv, dropout=dropout, bias=False,
-                         tie_weights=tied, pos="rope", rope_theta=theta, norm="rmsnorm",
-                         norm_eps=eps, mlp="swiglu", mlp_hidden=hf["intermediate_size"],
-                         sliding_window=window)
-    except (TypeError, ValueError) as exc:
-        fail(f"not a valid model shape: {exc}")
+        cfg = GPTConfig(vocab_size=hf["vocab_size"], context_length=hf["max_position_embeddings"],
+                        d_model=n_embd, n_layers=hf["num_hidden_layers"], n_heads=n_head,
+                        n_kv_heads=n_head if n_kv is None else n_kv, dropout=dropout, bias=False,
+                        tie_weights=tied, pos="rope", rope_theta=theta, norm="rmsnorm",
+                        norm_eps=eps, mlp="swiglu", mlp_hidden=hf["intermediate_size"],
+                        sliding_window=window)
+    except (TypeError, ValueError, OverflowError) as exc:
+        fail(f"not a valid model shape: {shorten(exc)}")
+    check_limits(cfg, source)  # before the per-layer tables of names and shapes
+    return cfg
 
 
 def _rope_theta(hf: dict, fail) -> float:
@@ -201,14 +209,14 @@ def _rope_theta(hf: dict, fail) -> float:
     key = "rope_scaling" if hf.get("rope_scaling") is not None else "rope_parameters"
     params = hf.get(key) or {}  # rope_scaling wins, as in transformers
     if not isinstance(params, dict):
-        fail(f"{key} is {params!r}; expected a JSON object or null")
+        fail(f"{key} is {shorten(params)}; expected a JSON object or null")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type != "default":
-        fail(f"{key} has rope_type {rope_type!r}; tinylm computes plain RoPE only "
+        fail(f"{key} has rope_type {shorten(rope_type)}; tinylm computes plain RoPE only "
              "(rope_type 'default', no RoPE scaling)")
     theta = params.get("rope_theta", hf["rope_theta"])
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or not theta > 0:
-        fail(f"rope_theta is {theta!r}; expected a number > 0")
+    if not is_finite_number(theta) or not theta > 0:
+        fail(f"rope_theta is {shorten(theta)}; expected a finite number > 0")
     return float(theta)
 
 
@@ -314,6 +322,7 @@ def from_hf_llama(directory, device: str = "cpu", dtype="float32", dropout: floa
     cfg = config_from_hf_llama(hf, str(directory / CONFIG_FILE), dropout)
     model_type = hf.get("model_type", "llama")  # a valid one: config_from_hf_llama checked
     tensors, source = read_weights(directory, ARCHITECTURES[model_type])
+    check_weights_fit(cfg, tensors, str(directory / CONFIG_FILE), source)
     return build_model(cfg, state_from_hf_llama(tensors, cfg, source), device, dtype)
 
 

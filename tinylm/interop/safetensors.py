@@ -21,11 +21,14 @@ bytes are read from disk only when they are used.
     save_file({"w": np.ones((2, 3))}, path)    # float arrays are written as F32
 
 The format is described at https://github.com/huggingface/safetensors (README,
-"Format"). What is checked here: the header length fits in the file, the header is a
-JSON object, every entry has a known dtype, a shape of non-negative ints and
-`data_offsets` whose length equals prod(shape) * itemsize, no range runs past the end
-of the file (a truncated download) and no two ranges overlap. Every error names the
-file and, where there is one, the tensor.
+"Format"). What is checked here, before any tensor is touched (a file may come from
+a stranger: docs/safety.md): the header length fits in the file, the header is a
+JSON object with no key twice, every entry has a known dtype, a shape of at most
+32 non-negative ints and `data_offsets` whose length equals prod(shape) * itemsize,
+no range runs past the end of the file (a truncated download) and no two ranges
+overlap. So the tensors can never claim more bytes than the file has. Every error
+is a SafetensorsError (a tinylm.fileio.FileFormatError) naming the file and, where
+there is one, the tensor.
 """
 
 from __future__ import annotations
@@ -37,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from tinylm.fileio import atomic_write
+from tinylm import limits
+from tinylm.fileio import FileFormatError, atomic_write, no_duplicate_keys, shorten
 
 # safetensors dtype name -> NumPy dtype (little-endian). BF16 has no NumPy dtype: its
 # bytes are read as uint16 and widened to float32 (see `_bf16_to_f32`).
@@ -60,6 +64,7 @@ DTYPES = {
 _WRITE_NAMES = {dt: name for name, dt in DTYPES.items() if name not in ("BF16",)}
 
 MAX_HEADER_BYTES = 100_000_000  # the reference implementation's limit
+MAX_DIM = 2**40  # one dimension of a tensor (a 0-size tensor could claim any other)
 
 
 @dataclass(frozen=True)
@@ -72,8 +77,9 @@ class TensorInfo:
     end: int
 
 
-class SafetensorsError(ValueError):
-    """A malformed or truncated safetensors file."""
+class SafetensorsError(FileFormatError):
+    """A malformed or truncated safetensors file (a FileFormatError, so a ValueError);
+    the message starts with the file's path."""
 
 
 def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
@@ -83,6 +89,10 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
     offset of the data section in the file (8 + header length).
     """
     path = Path(path)
+    if not path.is_file():
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: safetensors file not found")
+        raise SafetensorsError(f"{path}: not a file")
     file_size = path.stat().st_size
     with open(path, "rb") as f:
         prefix = f.read(8)
@@ -95,10 +105,10 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
                                    f"{file_size - 8} after the length (truncated or not a "
                                    "safetensors file)")
         raw = f.read(n)
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SafetensorsError(f"{path}: the header is not UTF-8 JSON ({exc})") from None
+    try:  # a key twice is refused: which tensor would be meant?
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=no_duplicate_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SafetensorsError(f"{path}: the header is not UTF-8 JSON ({shorten(exc)})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: the header must be a JSON object, got "
                                f"{type(header).__name__}")
@@ -115,20 +125,22 @@ def read_header(path) -> tuple[dict[str, TensorInfo], dict[str, str], int]:
 
 
 def _check_entry(path: Path, name: str, entry, data_size: int) -> TensorInfo:
-    where = f"{path}: tensor {name!r}"
+    where = f"{path}: tensor {shorten(name, 100)}"
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
         raise SafetensorsError(f"{where}: a header entry needs dtype, shape and data_offsets, "
-                               f"got {entry!r}")
+                               f"got {shorten(entry)}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
-        raise SafetensorsError(f"{where}: unsupported dtype {dtype!r} "
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise SafetensorsError(f"{where}: unsupported dtype {shorten(dtype)} "
                                f"(supported: {', '.join(DTYPES)})")
-    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise SafetensorsError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+    if (not isinstance(shape, list) or len(shape) > limits.MAX_NDIM
+            or not all(_is_count(d) and d <= MAX_DIM for d in shape)):
+        raise SafetensorsError(f"{where}: shape must be a list of at most {limits.MAX_NDIM} "
+                               f"non-negative ints below 2**40, got {shorten(shape)}")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets))
             or offsets[0] > offsets[1]):
         raise SafetensorsError(f"{where}: data_offsets must be [begin, end] with "
-                               f"0 <= begin <= end, got {offsets!r}")
+                               f"0 <= begin <= end, got {shorten(offsets)}")
     begin, end = offsets
     nbytes = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != nbytes:
@@ -164,7 +176,7 @@ def load_file(path, names=None) -> dict[str, np.ndarray]:
     if names is not None:
         unknown = sorted(set(names) - set(infos))
         if unknown:
-            raise KeyError(f"{path}: no tensors named {unknown}")
+            raise SafetensorsError(f"{path}: no tensors named {shorten(unknown)}")
         infos = {name: infos[name] for name in names}
     data = _map_data(path, data_start)  # (data_size,) uint8
     return {name: _tensor(data, info) for name, info in infos.items()}

@@ -17,28 +17,34 @@ Where to look (read in this order):
 The full story is in docs/tokenizer.md.
 """
 
+from tinylm.fileio import FileFormatError, shorten
+
 from .bpe import GPT2_SPLIT_PATTERN, GPT4_SPLIT_PATTERN, encode_chunk, get_stats, merge
 from .bpe_tokenizer import BPETokenizer
 from .char import CharTokenizer
-from .fileformat import check_header, read_json
+from .fileformat import check_header, file_options, read_json
 from .gpt2_files import bytes_to_unicode
 from .visualize import TokenView, show_tokens, token_pieces
 
 TOKENIZER_TYPES = {"bpe": BPETokenizer, "char": CharTokenizer}
 
 
-def from_dict(d: dict, source: str = "tokenizer data"):
-    """A tokenizer of the type named in `d["type"]` (what `to_dict()` returns)."""
+def from_dict(d: dict, source: str = "tokenizer data", **options):
+    """A tokenizer of the type named in `d["type"]` (what `to_dict()` returns).
+    `options` (trust_pattern, max_vocab_bytes): see `BPETokenizer.from_dict`."""
     check_header(d, source)
-    if d.get("type") not in TOKENIZER_TYPES:
-        raise ValueError(f"{source}: unknown tokenizer type {d.get('type')!r} "
-                         f"(known: {', '.join(TOKENIZER_TYPES)})")
-    return TOKENIZER_TYPES[d["type"]].from_dict(d, source)
+    kind = d.get("type")
+    if not isinstance(kind, str) or kind not in TOKENIZER_TYPES:
+        raise FileFormatError(f"{source}: unknown tokenizer type {shorten(kind)} "
+                              f"(known: {', '.join(TOKENIZER_TYPES)})")
+    return TOKENIZER_TYPES[kind].from_dict(d, source, **options)
 
 
-def load(path):
-    """Read any tinylm tokenizer file (BPE or char)."""
-    return from_dict(read_json(path), str(path))
+def load(path, *, trust_pattern: bool | None = None):
+    """Read any tinylm tokenizer file (BPE or char). A BPE file's split pattern must be
+    GPT-2's or GPT-4's unless `trust_pattern` (see `BPETokenizer.from_dict`)."""
+    return from_dict(read_json(path), str(path), trust_pattern=trust_pattern,
+                     **file_options(path))
 
 
 __all__ = [

@@ -21,6 +21,8 @@ from itertools import pairwise
 
 import regex
 
+from tinylm import limits
+
 # The pre-split patterns of tiktoken's r50k_base (GPT-2) and cl100k_base (GPT-4), verbatim.
 # GPT-2 splits off " word", " 123", " ?!" and runs of whitespace, and keeps the English
 # contractions 's 't 're 've 'm 'll 'd apart. GPT-4's also matches contractions in any
@@ -185,6 +187,10 @@ def build_vocab(merges: dict[tuple[int, int], int], byte_ids=range(256)) -> dict
     differently). Merges must come in rank order, each new id above the previous one,
     each built from ids that already exist.
 
+    The merges are checked first, on token *lengths* (plain ints), and the bytes are
+    built only once they are known to fit: each merge can double a token, so forty
+    merges in a 1 KB file could otherwise ask for a 2**40-byte token.
+
     >>> vocab = build_vocab({(104, 105): 256, (256, 33): 257})
     >>> vocab[104], vocab[256], vocab[257]
     (b'h', b'hi', b'hi!')
@@ -192,16 +198,39 @@ def build_vocab(merges: dict[tuple[int, int], int], byte_ids=range(256)) -> dict
     byte_ids = list(byte_ids)
     if len(byte_ids) != 256 or len(set(byte_ids)) != 256:
         raise ValueError("byte_ids must give 256 distinct ids, one for each byte value")
+    check_token_lengths(merges, byte_ids)
     vocab = {idx: bytes([b]) for b, idx in enumerate(byte_ids)}
-    previous = -1
-    for rank, ((a, b), idx) in enumerate(merges.items()):
-        if a not in vocab or b not in vocab:
-            raise ValueError(f"merge #{rank} ({a}, {b}) -> {idx} uses an id not defined before it")
-        if idx in vocab or idx <= previous:
-            raise ValueError(
-                f"merge #{rank} ({a}, {b}) -> {idx}: new ids must be unused and increase with "
-                "the merge rank (the rank order is the order merges are applied)"
-            )
+    for (a, b), idx in merges.items():
         vocab[idx] = vocab[a] + vocab[b]
-        previous = idx
     return vocab
+
+
+def check_token_lengths(merges: dict[tuple[int, int], int], byte_ids: list[int],
+                        max_bytes: int = limits.MAX_VOCAB_BYTES) -> int:
+    """Check the merges' ids (see `build_vocab`) and return the bytes all tokens hold
+    together, computed from the merge tree without building a single token; raise a
+    ValueError past `max_bytes` (default `tinylm.limits.MAX_VOCAB_BYTES`).
+
+    >>> check_token_lengths({(104, 105): 256, (256, 256): 257}, list(range(256)))
+    262
+    """
+    length = dict.fromkeys(byte_ids, 1)  # id -> the number of bytes of its token
+    total, previous = 256, -1
+    for rank, ((a, b), idx) in enumerate(merges.items()):
+        if a not in length or b not in length:
+            raise ValueError(f"merge #{rank} ({a}, {b}) -> {idx} uses an id not defined before it")
+        if idx in length or idx <= previous or idx >= limits.MAX_VOCAB:
+            raise ValueError(
+                f"merge #{rank} ({a}, {b}) -> {idx}: new ids must be unused, below "
+                f"{limits.MAX_VOCAB:,}, and increase with the merge rank (the rank order is "
+                "the order merges are applied)"
+            )
+        length[idx] = length[a] + length[b]
+        total += length[idx]
+        if total > max_bytes:
+            raise ValueError(
+                f"merge #{rank} makes a token of {length[idx]:,} bytes and the vocabulary "
+                f"{total:,} bytes in all, above the limit of {max_bytes:,} (tinylm.limits)"
+            )
+        previous = idx
+    return total

@@ -12,16 +12,33 @@ a cache of encoded chunks, special tokens, decoding and the file format.
 
 from __future__ import annotations
 
+import os
+
 import regex
 
+from tinylm import limits
+from tinylm.fileio import FileFormatError, shorten
+
 from . import gpt2_files
-from .bpe import build_vocab, encode_chunk, pattern_name, resolve_pattern, split_text
+from .bpe import (
+    SPLIT_PATTERNS,
+    build_vocab,
+    check_token_lengths,
+    encode_chunk,
+    pattern_name,
+    resolve_pattern,
+    split_text,
+)
 from .fileformat import SavesAsJson, check_header, header
 from .train import TRAINERS, count_chunks
 
 # Most chunks repeat (" the", ","), so each distinct chunk is encoded once and cached.
 # When the cache is full it is emptied: frequent chunks come back at once.
 CACHE_SIZE = 100_000
+
+# A split pattern read from a file runs only if it is GPT-2's or GPT-4's, or if the user
+# says it is trusted: `load(path, trust_pattern=True)`, or this variable set to 1.
+TRUST_PATTERN_ENV = "TINYLM_TRUST_PATTERN"
 
 
 class BPETokenizer(SavesAsJson):
@@ -111,7 +128,8 @@ class BPETokenizer(SavesAsJson):
                 raise ValueError(f"a special token must be a non-empty string, got {text!r}")
             if text in self.special_tokens:
                 raise ValueError(f"special token {text!r} is already registered")
-            if not isinstance(idx, int) or idx < 0 or idx in self._id_to_bytes:
+            if (not isinstance(idx, int) or not 0 <= idx < limits.MAX_VOCAB
+                    or idx in self._id_to_bytes):
                 raise ValueError(f"id {idx!r} for special token {text!r} is invalid or taken")
             self.special_tokens[text] = idx
             self._id_to_bytes[idx] = text.encode("utf-8")
@@ -264,15 +282,30 @@ class BPETokenizer(SavesAsJson):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "tokenizer data") -> BPETokenizer:
-        """The inverse of `to_dict`; bad data gives a ValueError naming `source`."""
+    def from_dict(cls, d: dict, source: str = "tokenizer data", *,
+                  trust_pattern: bool | None = None,
+                  max_vocab_bytes: int = limits.MAX_VOCAB_BYTES) -> BPETokenizer:
+        """The inverse of `to_dict`; bad data gives a FileFormatError naming `source`.
+
+        A file may come from a stranger, so every field is checked before anything is
+        built (ids in [0, tinylm.limits.MAX_VOCAB), at most MAX_MERGES merges, the
+        vocabulary's bytes counted before they are made: at most `max_vocab_bytes`,
+        which `load` derives from the file's size), and its split pattern runs
+        only if it is GPT-2's or GPT-4's: any other regex could be written to
+        backtrack for hours on an ordinary text. Pass `trust_pattern=True` (or set
+        TINYLM_TRUST_PATTERN=1; None means "ask the environment") for a file whose
+        pattern you wrote or checked yourself.
+        """
         check_header(d, source, "bpe")
+        merges = _read_merges(d.get("merges"), source)
+        special_tokens = _read_special_tokens(d.get("special_tokens"), source)
+        byte_ids = _read_byte_ids(d.get("byte_ids", list(range(256))), source)
+        pattern = _read_pattern(d, source, trust_pattern)
         try:
-            merges = {(int(m[0]), int(m[1])): int(m[2]) for m in d["merges"]}
-            return cls(merges, d["pattern"], dict(d["special_tokens"]),
-                       d.get("byte_ids", range(256)))
-        except (KeyError, IndexError, TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: damaged BPE tokenizer data ({exc!r})") from None
+            check_token_lengths(merges, byte_ids, max_vocab_bytes)  # before any token is built
+            return cls(merges, pattern, special_tokens, byte_ids)
+        except ValueError as exc:
+            raise FileFormatError(f"{source}: damaged BPE tokenizer data ({exc})") from None
 
     @classmethod
     def from_gpt2(cls, vocab_json, merges_txt, pattern="gpt2") -> BPETokenizer:
@@ -281,11 +314,81 @@ class BPETokenizer(SavesAsJson):
         entries that are neither bytes nor merges (e.g. "<|endoftext|>") become
         special tokens. See `gpt2_files.py`."""
         merges, byte_ids, special_tokens = gpt2_files.read_gpt2_files(vocab_json, merges_txt)
-        return cls(merges, pattern, special_tokens, byte_ids)
+        try:
+            return cls(merges, pattern, special_tokens, byte_ids)
+        except ValueError as exc:
+            raise FileFormatError(f"{merges_txt} (with {vocab_json}): not a consistent "
+                                  f"byte-level BPE ({exc})") from None
 
     def __repr__(self) -> str:
         return (f"BPETokenizer(vocab_size={self.vocab_size}, merges={len(self.merges)}, "
                 f"special_tokens={len(self.special_tokens)}, pattern={pattern_name(self.pattern)})")
+
+
+# -- reading a file's fields ------------------------------------------------------------
+
+
+def _is_id(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x < limits.MAX_VOCAB
+
+
+def _read_merges(merges, source: str) -> dict:
+    """{(a, b): new_id} from the file's [a, b, new_id, text] lists (text is ignored)."""
+    if not isinstance(merges, list):
+        raise FileFormatError(f'{source}: damaged BPE tokenizer data ("merges" must be a '
+                              f"list, got {shorten(merges)})")
+    if len(merges) > limits.MAX_MERGES:
+        raise FileFormatError(f"{source}: {len(merges):,} merges, above the limit of "
+                              f"{limits.MAX_MERGES:,}")
+    pairs = {}
+    for rank, m in enumerate(merges):
+        if not isinstance(m, list) or len(m) not in (3, 4) or not all(map(_is_id, m[:3])):
+            raise FileFormatError(f"{source}: damaged BPE tokenizer data (merge #{rank} must be "
+                                  f"[a, b, new_id, text] with ids in [0, "
+                                  f"{limits.MAX_VOCAB:,}), got {shorten(m)})")
+        if (m[0], m[1]) in pairs:
+            raise FileFormatError(f"{source}: merge #{rank} repeats the pair ({m[0]}, {m[1]})")
+        pairs[m[0], m[1]] = m[2]
+    return pairs
+
+
+def _read_special_tokens(special, source: str) -> dict:
+    if not isinstance(special, dict) or not all(map(_is_id, special.values())):
+        raise FileFormatError(f'{source}: damaged BPE tokenizer data ("special_tokens" must '
+                              f"map text to ids in [0, {limits.MAX_VOCAB:,}), got "
+                              f"{shorten(special)})")
+    return special
+
+
+def _read_byte_ids(byte_ids, source: str) -> list:
+    if not isinstance(byte_ids, list) or len(byte_ids) != 256 or not all(map(_is_id, byte_ids)):
+        raise FileFormatError(f'{source}: damaged BPE tokenizer data ("byte_ids" must be a '
+                              f"list of 256 ids, got {shorten(byte_ids)})")
+    return byte_ids
+
+
+def _read_pattern(d: dict, source: str, trust_pattern: bool | None):
+    """The split pattern of a file: None, a known one, or a trusted one (see from_dict)."""
+    if "pattern" not in d:
+        raise FileFormatError(f'{source}: damaged BPE tokenizer data (no "pattern")')
+    pattern = d["pattern"]
+    if pattern is None or pattern in SPLIT_PATTERNS.values():
+        return pattern
+    if not isinstance(pattern, str):
+        raise FileFormatError(f'{source}: damaged BPE tokenizer data ("pattern" must be a '
+                              f"regex or null, got {shorten(pattern)})")
+    if trust_pattern is None:
+        trust_pattern = os.environ.get(TRUST_PATTERN_ENV) == "1"
+    if not trust_pattern:
+        raise FileFormatError(
+            f"{source}: its split pattern {shorten(pattern)} is neither GPT-2's nor GPT-4's. "
+            "A regex from a file can be made to backtrack for hours on ordinary text, so "
+            "tinylm runs only those two unless told to trust it: "
+            f"BPETokenizer.load(path, trust_pattern=True), or {TRUST_PATTERN_ENV}=1")
+    try:
+        return resolve_pattern(pattern)
+    except ValueError as exc:
+        raise FileFormatError(f"{source}: {exc}") from None
 
 
 def _check_text(text) -> None:

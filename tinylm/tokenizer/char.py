@@ -7,6 +7,8 @@ in the training text cannot be encoded (a byte-level BPE has no such gap).
 
 from __future__ import annotations
 
+from tinylm.fileio import FileFormatError, shorten
+
 from .fileformat import SavesAsJson, check_header, header
 
 
@@ -72,12 +74,21 @@ class CharTokenizer(SavesAsJson):
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "tokenizer data") -> CharTokenizer:
+    def from_dict(cls, d: dict, source: str = "tokenizer data", *,
+                  trust_pattern: bool | None = None,
+                  max_vocab_bytes: int | None = None) -> CharTokenizer:
+        """The inverse of `to_dict`; bad data gives a FileFormatError naming `source`.
+        (The options are BPETokenizer's, accepted so that any tokenizer loads alike: a
+        char tokenizer has no pattern, and its vocabulary is the file's own text.)"""
         check_header(d, source, "char")
+        chars = d.get("chars")
+        if not isinstance(chars, str):
+            raise FileFormatError(f'{source}: damaged char tokenizer data ("chars" must be a '
+                                  f"string, got {shorten(chars)})")
         try:
-            return cls(d["chars"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ValueError(f"{source}: damaged char tokenizer data ({exc!r})") from None
+            return cls(chars)
+        except ValueError as exc:
+            raise FileFormatError(f"{source}: damaged char tokenizer data ({exc})") from None
 
     def __repr__(self) -> str:
         return f"CharTokenizer(vocab_size={self.vocab_size})"

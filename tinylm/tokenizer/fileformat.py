@@ -18,10 +18,12 @@ gives one line naming it, and a crash never leaves half a file.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import regex
 
-from tinylm import fileio
+from tinylm import fileio, limits
+from tinylm.fileio import FileFormatError
 
 FORMAT = "tinylm-tokenizer"
 VERSION = 1
@@ -37,7 +39,8 @@ def header(kind: str) -> dict:
 
 
 def check_header(d, source: str = "tokenizer data", kind: str | None = None) -> None:
-    """Raise a clear ValueError unless `d` is tinylm tokenizer data (of type `kind`)."""
+    """Raise a clear FileFormatError (a ValueError) unless `d` is tinylm tokenizer data
+    (of type `kind`)."""
     if not isinstance(d, dict) or d.get("format") != FORMAT:
         hint = ""
         if isinstance(d, dict) and "model" in d and "added_tokens" in d:
@@ -45,14 +48,16 @@ def check_header(d, source: str = "tokenizer data", kind: str | None = None) -> 
         elif isinstance(d, dict) and d and all(isinstance(v, int) for v in d.values()):
             hint = (" It looks like GPT-2's vocab.json: use "
                     "BPETokenizer.from_gpt2(vocab_json, merges_txt).")
-        raise ValueError(f'{source}: not a tinylm tokenizer file (no "format": "{FORMAT}").{hint}')
+        raise FileFormatError(f'{source}: not a tinylm tokenizer file (no "format": '
+                              f'"{FORMAT}").{hint}')
     if d.get("version") != VERSION:
-        raise ValueError(
-            f"{source}: tokenizer file version {d.get('version')!r} is not supported "
-            f"(this tinylm reads version {VERSION})"
+        raise FileFormatError(
+            f"{source}: tokenizer file version {fileio.shorten(d.get('version'))} is not "
+            f"supported (this tinylm reads version {VERSION})"
         )
     if kind is not None and d.get("type") != kind:
-        raise ValueError(f"{source}: holds a {d.get('type')!r} tokenizer, not a {kind!r} one")
+        raise FileFormatError(f"{source}: holds a {fileio.shorten(d.get('type'))} tokenizer, "
+                              f"not a {kind!r} one")
 
 
 def dumps(d: dict) -> str:
@@ -96,6 +101,12 @@ class SavesAsJson:
         write_json(path, self.to_dict())
 
     @classmethod
-    def load(cls, path):
-        """Read a tokenizer written by `save`."""
-        return cls.from_dict(read_json(path), source=str(path))
+    def load(cls, path, **options):
+        """Read a tokenizer written by `save` (`options` go to `from_dict`)."""
+        return cls.from_dict(read_json(path), source=str(path), **file_options(path), **options)
+
+
+def file_options(path) -> dict:
+    """What the size of the tokenizer file at `path` allows it to build: its tokens hold
+    at most `tinylm.limits.vocab_bytes_allowed(size)` bytes together."""
+    return {"max_vocab_bytes": limits.vocab_bytes_allowed(Path(path).stat().st_size)}

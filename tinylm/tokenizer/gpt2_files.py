@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tinylm.fileio import read_json
+from tinylm import limits
+from tinylm.fileio import FileFormatError, read_json, read_text
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -50,29 +51,34 @@ def read_gpt2_files(vocab_json, merges_txt) -> tuple[dict, list[int], dict]:
         if not path.is_file():
             raise FileNotFoundError(f"GPT-2 tokenizer file not found: {path}")
     vocab = read_json(vocab_json, what="GPT-2 vocabulary", expect=dict)
-    if not all(isinstance(i, int) for i in vocab.values()):
-        raise ValueError(f"{vocab_json}: expected GPT-2's {{token text: id}} vocabulary")
+    if not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < limits.MAX_VOCAB
+               for i in vocab.values()):
+        raise FileFormatError(f"{vocab_json}: expected GPT-2's {{token text: id}} vocabulary "
+                              f"(ids in [0, {limits.MAX_VOCAB:,}))")
 
     byte_to_char = bytes_to_unicode()
     missing = [b for b, c in byte_to_char.items() if c not in vocab]
     if missing:
-        raise ValueError(f"{vocab_json}: no token for byte {missing[0]} "
-                         f"({byte_to_char[missing[0]]!r}); not a byte-level BPE vocabulary")
+        raise FileFormatError(f"{vocab_json}: no token for byte {missing[0]} "
+                              f"({byte_to_char[missing[0]]!r}); not a byte-level BPE vocabulary")
     byte_ids = [vocab[byte_to_char[b]] for b in range(256)]
 
     merges = {}
-    lines = merges_txt.read_text(encoding="utf-8").splitlines()
+    lines = read_text(merges_txt, what="GPT-2 merges file").splitlines()
+    if len(lines) > limits.MAX_MERGES + 1:  # + the "#version" line
+        raise FileFormatError(f"{merges_txt}: {len(lines):,} lines, above the limit of "
+                              f"{limits.MAX_MERGES:,} merges")
     for line_no, line in enumerate(lines, start=1):
         if line.startswith("#version") or not line.strip():
             continue
         parts = line.split()  # token text never holds whitespace (see bytes_to_unicode)
         if len(parts) != 2 or parts[0] not in vocab or parts[1] not in vocab:
-            raise ValueError(f"{merges_txt}, line {line_no}: {line!r} is not a merge of two "
-                             "tokens from vocab.json")
+            raise FileFormatError(f"{merges_txt}, line {line_no}: {line[:100]!r} is not a merge "
+                                  "of two tokens from vocab.json")
         a, b = parts
         if a + b not in vocab:
-            raise ValueError(f"{merges_txt}, line {line_no}: the merged token {a + b!r} "
-                             "is missing from vocab.json")
+            raise FileFormatError(f"{merges_txt}, line {line_no}: the merged token "
+                                  f"{(a + b)[:100]!r} is missing from vocab.json")
         merges[vocab[a], vocab[b]] = vocab[a + b]
 
     known = set(byte_ids) | set(merges.values())
