@@ -18,6 +18,7 @@ POS_KINDS = ("learned", "sinusoidal", "rope", "none")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
 MLP_KINDS = ("gelu", "relu", "swiglu")
+ATTENTION_KINDS = ("standard", "flash")
 
 # Upper bounds of the integer fields: far beyond any model tinylm can train and any
 # published checkpoint (Llama 3 405B: 126 layers, d_model 16384, 53248 MLP units,
@@ -76,6 +77,8 @@ class GPTConfig:
                                             "multi-query); null: n_heads")
     sliding_window: int | None = _variant(None, "attend to the last this many positions only "
                                                 "(Mistral); null: the whole context")
+    attention: str = _variant("standard", "standard, or flash: FlashAttention-2, the same "
+                                          "numbers in tiles with O(T) memory (needs dropout 0)")
     n_experts: int = _variant(0, "> 0: mixture-of-experts MLPs with this many experts")
     experts_per_token: int = _variant(2, "k: experts each token is routed to (with "
                                          "n_experts > 0)")
@@ -96,7 +99,8 @@ class GPTConfig:
                 value = getattr(self, name)
                 raise TypeError(f"GPTConfig.{name} must be True or False, got {value!r}")
         for name, kinds in (("pos", POS_KINDS), ("norm", NORM_KINDS),
-                            ("norm_placement", NORM_PLACEMENTS), ("mlp", MLP_KINDS)):
+                            ("norm_placement", NORM_PLACEMENTS), ("mlp", MLP_KINDS),
+                            ("attention", ATTENTION_KINDS)):
             if getattr(self, name) not in kinds:
                 raise ValueError(f"GPTConfig.{name} must be one of {kinds}, "
                                  f"got {getattr(self, name)!r}")
@@ -112,6 +116,9 @@ class GPTConfig:
         for name in ("mlp_hidden", "n_kv_heads", "sliding_window"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), minimum=1, or_none=True)
+        if self.attention == "flash" and self.dropout > 0:
+            raise ValueError(f"GPTConfig.attention='flash' does not support attention dropout: "
+                             f"GPTConfig.dropout must be 0, got {self.dropout}")
         if self.n_heads % self.kv_heads != 0:
             raise ValueError(f"GPTConfig.n_heads ({self.n_heads}) must be a multiple of "
                              f"GPTConfig.n_kv_heads ({self.n_kv_heads})")
@@ -139,7 +146,7 @@ class GPTConfig:
             norm_placement=self.norm_placement, mlp=self.mlp, mlp_hidden=self.mlp_hidden,
             n_experts=self.n_experts, experts_per_token=self.experts_per_token,
             moe_aux_loss_coef=self.moe_aux_loss_coef, n_kv_heads=self.n_kv_heads,
-            sliding_window=self.sliding_window,
+            sliding_window=self.sliding_window, attention=self.attention,
             rope_theta=self.rope_theta if self.pos == "rope" else None,
             max_positions=self.context_length)
 

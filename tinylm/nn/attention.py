@@ -23,6 +23,15 @@ Variants (each off by default, which is GPT-2):
   t-W+1..t, a banded causal mask; the KV cache keeps only W positions.
 - RoPE (tinylm/nn/positions.py): q and k rotated by their positions.
 
+Two implementations of the same attention, chosen by `attention`:
+- "standard" (the default): `attend` below, (B, H, T, T) weights kept for backward;
+- "flash": FlashAttention-2 (tinylm/nn/flash.py), the same numbers computed in
+  (block_q, block_k) tiles, O(T) memory; tiles that the causal (banded) mask
+  hides entirely are skipped. It asks `mask` only for the tiles the mask cuts
+  through; when `mask` has been replaced (on the instance or in a subclass), it
+  cannot know which tiles are invisible, so it visits and masks every tile.
+  No attention dropout (a ValueError), and no `attention_weights` to plot.
+
 How the groups are computed: query head h uses kv head h // G (as Hugging Face's
 `repeat_kv`). Rather than copying each k and v G times, the G query heads of a
 group are stacked along the time axis, (B, Hkv, G*T, hs), so one matmul per kv
@@ -39,6 +48,7 @@ import numpy as np
 
 from tinylm.backend import to_device, xp_of
 from tinylm.nn.activation import Dropout
+from tinylm.nn.flash import DEFAULT_BLOCK, flash_backward, flash_forward
 from tinylm.nn.functional import softmax
 from tinylm.nn.linear import Linear
 from tinylm.nn.module import Module, init_rng
@@ -87,11 +97,15 @@ class CausalSelfAttention(Module):
     the attention weights att (B,Hkv,G*T,T), i.e. the softmax *output* (its
     backward needs that, not the scores), and att after dropout (the same array
     when dropout is off).
+    With attention="flash": q (B,Hkv,G,T,hs), k and v (B,Hkv,T,hs) (after RoPE),
+    the output o (B,Hkv,G,T,hs) and each row's log-sum-exp L (B,Hkv,G,T), all O(T).
     """
 
     def __init__(self, d_model: int, n_heads: int, *, n_kv_heads: int | None = None,
                  bias: bool = True, dropout: float = 0.0, rope_theta: float | None = None,
-                 max_positions: int | None = None, sliding_window: int | None = None, rng=None):
+                 max_positions: int | None = None, sliding_window: int | None = None,
+                 attention: str = "standard", block_q: int = DEFAULT_BLOCK,
+                 block_k: int = DEFAULT_BLOCK, rng=None):
         super().__init__()
         n_kv_heads = n_heads if n_kv_heads is None else n_kv_heads
         if d_model % n_heads != 0:
@@ -101,9 +115,20 @@ class CausalSelfAttention(Module):
                              f"({n_kv_heads})")
         if sliding_window is not None and sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
+        if attention not in ("standard", "flash"):
+            raise ValueError(f"attention must be 'standard' or 'flash', got {attention!r}")
+        if attention == "flash" and dropout > 0:
+            raise ValueError(f"attention='flash' does not support attention dropout: dropout "
+                             f"must be 0 (got {dropout}); use attention='standard' to train "
+                             "with dropout")
+        for name, size in (("block_q", block_q), ("block_k", block_k)):
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name} (a flash attention tile size) must be an int >= 1, "
+                                 f"got {size!r}")
         rng = init_rng(rng)
         self.d_model, self.n_heads, self.head_size = d_model, n_heads, d_model // n_heads
         self.n_kv_heads, self.sliding_window = n_kv_heads, sliding_window
+        self.attention, self.block_q, self.block_k = attention, block_q, block_k
         qkv_out = (n_heads + 2 * n_kv_heads) * self.head_size
         self.qkv = Linear(d_model, qkv_out, bias=bias, rng=rng)
         self.proj = Linear(d_model, d_model, bias=bias, rng=rng)
@@ -121,6 +146,8 @@ class CausalSelfAttention(Module):
             parts.append(f"kv_heads={self.n_kv_heads}")
         if self.sliding_window is not None:
             parts.append(f"window={self.sliding_window}")
+        if self.attention == "flash":
+            parts.append(f"flash={self.block_q}x{self.block_k}")
         return ", ".join(parts)
 
     @property
@@ -138,6 +165,9 @@ class CausalSelfAttention(Module):
         """
         if self._cache is None:
             raise RuntimeError("no attention weights: call forward first (backward frees them)")
+        if self.attention == "flash":
+            raise RuntimeError("attention='flash' never forms the attention weights; use "
+                               "attention='standard' to look at them")
         att = self._cache[3]  # (B, Hkv, G*T, T)
         B, T = att.shape[0], att.shape[-1]
         return att.reshape(B, self.n_heads, T, T)  # query head h = kv head * G + g
@@ -155,6 +185,15 @@ class CausalSelfAttention(Module):
     def causal_mask(self, T: int, xp, dtype):
         """(T, T) mask of a training forward over positions 0..T-1 (see `mask`)."""
         return self.mask(np.arange(T), np.arange(T), xp, dtype)
+
+    def _flash_kwargs(self, q_start: int = 0, k_start: int = 0) -> dict:
+        """The tiles of flash_forward/flash_backward. Skipping the tiles the causal band
+        hides is only right for the built-in `mask`: a replaced one (an instance
+        attribute, or a subclass's method) may show any tile, so then every tile is
+        visited and masked with it."""
+        replaced = "mask" in vars(self) or type(self).mask is not CausalSelfAttention.mask
+        return dict(q_start=q_start, k_start=k_start, block_q=self.block_q,
+                    block_k=self.block_k, window=self.sliding_window, causal_tiles=not replaced)
 
     def _split_heads(self, qkv, B: int, T: int):
         """(B, T, (H + 2 Hkv) hs) -> q (B, H, T, hs), k and v (B, Hkv, T, hs)."""
@@ -175,6 +214,9 @@ class CausalSelfAttention(Module):
         q, k, v = self._split_heads(self.qkv.forward(x), B, T)  # (B, H|Hkv, T, hs)
         if self.rope is not None:
             q, k = self.rope.rotate(q), self.rope.rotate(k)  # positions 0..T-1
+        if self.attention == "flash":  # the same attention in tiles (tinylm/nn/flash.py)
+            y = self._flash_forward(q, k, v)  # (B, Hkv, G, T, hs)
+            return self.resid_drop.forward(self.proj.forward(self._merge_heads(y, B, T)))
         # Contiguous operands: batched matmuls on transposed views are several
         # times slower with multi-threaded OpenBLAS (CONTRIBUTING.md, benchmarks),
         # so pay one copy each. The G query heads of a group are stacked along
@@ -189,6 +231,8 @@ class CausalSelfAttention(Module):
         return self.resid_drop.forward(self.proj.forward(self._merge_heads(y, B, T)))  # (B, T, C)
 
     def backward(self, dout):
+        if self.attention == "flash":
+            return self._flash_backward(dout)
         q, kT, v, att, att_d = self._take_cache()
         xp = xp_of(dout)
         B, T, C = dout.shape
@@ -221,6 +265,38 @@ class CausalSelfAttention(Module):
         dqkv = xp.concatenate([_heads_last(dq), _heads_last(dk), _heads_last(dv)], axis=-1)
         return self.qkv.backward(dqkv)  # (B, T, C)
 
+    # -- attention="flash": the same steps with flash.py in the middle ---------
+
+    def _flash_forward(self, q, k, v):
+        """q (B, H, T, hs), k and v (B, Hkv, T, hs), after RoPE -> y (B, Hkv, G, T, hs).
+        Keeps q, k, v (contiguous), the output and its log-sum-exp L: O(T) each."""
+        xp = xp_of(q)
+        B, H, T, hs = q.shape
+        Hkv, G = self.n_kv_heads, self.group_size
+        # (B, H, T, hs) is (B, Hkv, G, T, hs) in memory: query head h = kv head * G + g
+        q = xp.ascontiguousarray(q).reshape(B, Hkv, G, T, hs)  # (B, Hkv, G, T, hs)
+        k, v = xp.ascontiguousarray(k), xp.ascontiguousarray(v)  # (B, Hkv, T, hs)
+        o, lse = flash_forward(q, k, v, self.mask, **self._flash_kwargs())  # Algorithm 1
+        self._cache = (q, k, v, o, lse)
+        return o  # (B, Hkv, G, T, hs)
+
+    def _flash_backward(self, dout):
+        """dout (B, T, C) -> dx (B, T, C), with Algorithm 2 between the projections."""
+        q, k, v, o, lse = self._take_cache()
+        xp = xp_of(dout)
+        B, T, C = dout.shape
+        H, Hkv, G, hs = self.n_heads, self.n_kv_heads, self.group_size, self.head_size
+        dy = self.proj.backward(self.resid_drop.backward(dout))  # (B, T, C)
+        dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
+        dy = dy.reshape(B, Hkv, G, T, hs)  # grouped, as o was
+        dq, dk, dv = flash_backward(q, k, v, o, lse, dy, self.mask, **self._flash_kwargs())
+        dq = dq.reshape(B, H, T, hs)  # (B, H, T, hs), the heads ungrouped
+        # from here on as in `backward`: RoPE undone, the head split undone, `qkv`
+        if self.rope is not None:
+            dq, dk = self.rope.rotate(dq, inverse=True), self.rope.rotate(dk, inverse=True)
+        dqkv = xp.concatenate([_heads_last(dq), _heads_last(dk), _heads_last(dv)], axis=-1)
+        return self.qkv.backward(dqkv)  # (B, T, C)
+
     # -- inference with a KV cache (tinylm/nn/kv_cache.py) -------------------
 
     def forward_cached(self, x, cache, layer: int, pos: int):
@@ -233,6 +309,10 @@ class CausalSelfAttention(Module):
         positions, so the outputs equal its rows pos..pos+t-1. t = 1 is one
         decoding step, a larger t at pos = 0 the prefill of a prompt. Keeps no
         backward cache and applies no dropout (the caller is in eval mode).
+
+        With attention="flash" the t queries go through `flash_forward` in true
+        positions as well (a decoding step is one query tile against the cached
+        key tiles; a long prefill never forms its (t, n) weights).
         """
         xp = xp_of(x)
         B, t, C = x.shape
@@ -242,6 +322,10 @@ class CausalSelfAttention(Module):
             q, k = self.rope.rotate(q, pos), self.rope.rotate(k, pos)  # true positions
         k, v, first = cache.update(layer, k, v, pos)  # (B, Hkv, n, hs): positions first..pos+t-1
         n = k.shape[2]
+        if self.attention == "flash":
+            q = xp.ascontiguousarray(q).reshape(B, Hkv, G, t, hs)  # (B, Hkv, G, t, hs)
+            y, _ = flash_forward(q, k, v, self.mask, **self._flash_kwargs(pos, first))
+            return self.proj.forward(self._merge_heads(y, B, t))  # (B, t, C)
         q = xp.ascontiguousarray(q).reshape(B, Hkv, G * t, hs)  # (B, Hkv, G*t, hs)
         mask = self.mask(np.arange(pos, pos + t), np.arange(first, first + n), xp, x.dtype)
         y, _, _ = attend(q, k.swapaxes(-1, -2), v, mask)  # (B, Hkv, G*t, hs)

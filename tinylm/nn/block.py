@@ -35,7 +35,8 @@ class Block(Module):
     pre-norm stacks train without warmup tricks (Xiong et al. 2020).
 
     `attn_kw` go to CausalSelfAttention (n_kv_heads, rope_theta, max_positions,
-    sliding_window); `mlp` is "gelu", "relu" or "swiglu", and with n_experts > 0
+    sliding_window, and attention="standard"|"flash" with its tiles block_q,
+    block_k); `mlp` is "gelu", "relu" or "swiglu", and with n_experts > 0
     the block's MLP is a MoE of n_experts such MLPs.
     """
 
