@@ -268,3 +268,33 @@ def test_trainer_state_must_be_json(tmp_path):
     with pytest.raises(ValueError, match="trainer_state cannot be saved as JSON"):
         checkpoint.save(tmp_path / "ck", GPT(CFG), trainer_state={"best": float("nan")})
     assert not (tmp_path / "ck").exists()
+
+
+def test_save_never_goes_through_a_symlink_and_leaves_no_tmp(tmp_path):
+    """A `last` that is a link to elsewhere is refused before anything is written or
+    removed, and neither the link nor its target is touched."""
+    model = GPT(GPTConfig(vocab_size=5, context_length=4, d_model=4, n_layers=1, n_heads=1))
+    elsewhere = tmp_path / "elsewhere"
+    checkpoint.save(elsewhere, model)
+    before = sorted(p.name for p in elsewhere.iterdir())
+    for name in ("last", "last.old", "last.tmp"):
+        link = tmp_path / "run" / name
+        link.parent.mkdir(exist_ok=True)
+        link.symlink_to(elsewhere, target_is_directory=True)
+        with pytest.raises(ValueError, match="symbolic link"):
+            checkpoint.save(tmp_path / "run" / "last", model)
+        link.unlink()
+    assert sorted(p.name for p in elsewhere.iterdir()) == before
+    assert not list((tmp_path / "run").iterdir())
+
+
+def test_a_failed_write_removes_the_half_written_checkpoint(tmp_path, monkeypatch):
+    model = GPT(GPTConfig(vocab_size=5, context_length=4, d_model=4, n_layers=1, n_heads=1))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "write_json", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(tmp_path / "ck", model)
+    assert not list(tmp_path.iterdir())  # no ck.tmp/, no ck/

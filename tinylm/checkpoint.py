@@ -89,12 +89,34 @@ def save(path, model, optimizer=None, tokenizer=None, trainer_state=None) -> Pat
     if trainer_state is not None and not isinstance(trainer_state, dict):
         raise TypeError(f"trainer_state must be a dict, got {type(trainer_state).__name__}")
     path = Path(path)
-    _check_replaceable(path)
     tmp, old = _sibling(path, "tmp"), _sibling(path, "old")
+    for p in (path, tmp, old):  # checked before anything is written or removed
+        if p.is_symlink():
+            raise ValueError(f"refusing to save through {p}: it is a symbolic link (a save "
+                             "replaces what it names; remove the link or save elsewhere)")
+    _check_replaceable(path)
     if tmp.exists():  # left by a save that crashed before step 3: incomplete
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
+    try:
+        _write_files(tmp, model, optimizer, tokenizer, trainer_state)
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint is left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
+    if path.exists():
+        if old.exists():  # a previous save finished step 3 but not step 4
+            shutil.rmtree(old)
+        os.replace(path, old)  # 2.
+    os.replace(tmp, path)  # 3.
+    fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)  # 4.
+    return path
+
+
+def _write_files(tmp: Path, model, optimizer, tokenizer, trainer_state) -> None:
+    """Step 1: every file into `tmp`, config.json (which lists them) last."""
     files = ["model.npz"]
     _write_npz(tmp / "model.npz", model.state_dict())
     if tokenizer is not None:
@@ -110,7 +132,6 @@ def save(path, model, optimizer=None, tokenizer=None, trainer_state=None) -> Pat
         try:  # write_json checks the value before it opens the file
             write_json(tmp / "trainer.json", trainer_state)
         except (TypeError, ValueError) as exc:
-            shutil.rmtree(tmp)
             raise ValueError(f"trainer_state cannot be saved as JSON: {exc}") from None
         files.append("trainer.json")
     meta = {
@@ -121,16 +142,6 @@ def save(path, model, optimizer=None, tokenizer=None, trainer_state=None) -> Pat
     # config.json last: a directory with a config.json listing its files is complete.
     write_json(tmp / "config.json", meta)
     fsync_dir(tmp)
-
-    if path.exists():
-        if old.exists():  # a previous save finished step 3 but not step 4
-            shutil.rmtree(old)
-        os.replace(path, old)  # 2.
-    os.replace(tmp, path)  # 3.
-    fsync_dir(path.parent)
-    if old.exists():
-        shutil.rmtree(old)  # 4.
-    return path
 
 
 def _sibling(path: Path, suffix: str) -> Path:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from tinylm.fileio import shorten
+
 POS_KINDS = ("learned", "sinusoidal", "rope", "none")
 NORM_KINDS = ("layernorm", "rmsnorm")
 NORM_PLACEMENTS = ("pre", "post")
@@ -183,5 +185,13 @@ def _check_real(name: str, value, rule: str, ok) -> None:
     """A float field: a finite number (NaN and infinity pass most comparisons' negation
     unnoticed, then poison every activation) for which ok(value) holds."""
     real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not real or not math.isfinite(value) or not ok(value):
-        raise ValueError(f"GPTConfig.{name} must be {rule}, got {value!r}")
+    if not real or not _finite_float(value) or not ok(value):
+        raise ValueError(f"GPTConfig.{name} must be {rule}, got {shorten(value, 40)}")
+
+
+def _finite_float(value) -> bool:
+    """value as a float is finite (a 400-digit int overflows the conversion: not a float)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False

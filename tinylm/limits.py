@@ -25,17 +25,17 @@ from __future__ import annotations
 
 import math
 
-from tinylm.config import GPTConfig
+from tinylm.config import MAX_INT_FIELDS, GPTConfig
 from tinylm.fileio import FileFormatError
 from tinylm.nn.mlp import swiglu_hidden
 
 # -- absolute caps on a model config (each is a power of two, chosen with room to spare)
-MAX_LAYERS = 4096
-MAX_VOCAB = 2**24  # token ids (also the cap on a tokenizer's ids)
-MAX_CONTEXT = 2**20  # positions (also caps sliding_window)
-MAX_D_MODEL = 2**16
-MAX_MLP_HIDDEN = 2**20
-MAX_EXPERTS = 4096
+MAX_LAYERS = MAX_INT_FIELDS["n_layers"]
+MAX_VOCAB = MAX_INT_FIELDS["vocab_size"]  # token ids (also the cap on a tokenizer's ids)
+MAX_CONTEXT = MAX_INT_FIELDS["context_length"]  # positions (also caps sliding_window)
+MAX_D_MODEL = MAX_INT_FIELDS["d_model"]
+MAX_MLP_HIDDEN = MAX_INT_FIELDS["mlp_hidden"]
+MAX_EXPERTS = MAX_INT_FIELDS["n_experts"]
 MAX_TENSORS = 2**17  # parameter tensors in one model (4096 layers of ~16 tensors fit)
 MAX_PARAMETERS = 2**36  # ~69 billion: 275 GB in float32, far past what NumPy trains
 # Tables the model computes rather than reads (the sinusoidal position table, float64):
@@ -64,10 +64,9 @@ MAX_EXPANSION = 32
 def check_config(cfg: GPTConfig, where, error=FileFormatError) -> tuple[int, int]:
     """Check `cfg` (read from the file `where`) against the caps above, cheaply: no
     per-layer table is built. Returns (number of tensors, number of parameters)."""
-    fields = {"n_layers": MAX_LAYERS, "vocab_size": MAX_VOCAB, "context_length": MAX_CONTEXT,
-              "d_model": MAX_D_MODEL, "mlp_hidden": MAX_MLP_HIDDEN, "n_experts": MAX_EXPERTS,
-              "sliding_window": MAX_CONTEXT}
-    for name, cap in fields.items():
+    # GPTConfig checks these caps too; a config object built around its checks
+    # (dataclasses.replace on a subclass, object.__setattr__) meets them here
+    for name, cap in MAX_INT_FIELDS.items():
         value = getattr(cfg, name)
         if value is not None and value > cap:
             raise error(f"{where}: {name} = {value} is above the limit of {cap:,} "
