@@ -50,7 +50,6 @@ import fnmatch
 import hashlib
 import io
 import math
-import types
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -157,25 +156,18 @@ class LoRALinear(Module):
 # ---------------------------------------------------------------------------
 
 
-def _children_parameters(self, prefix: str = "") -> Iterator[tuple[str, object, object]]:
-    """`Module.parameters` without the layer's own parameters (a frozen layer's)."""
-    for child_name, child in self.children():
-        yield from child.parameters(prefix + child_name + ".")
-
-
 def freeze(module: Module) -> None:
     """Stop yielding `module`'s own parameters from `parameters()` (its sub-layers are
-    unaffected). The arrays stay in `params`, where the layer's math reads them and
-    `to` moves them. Done per instance, as Module has no frozen flag of its own."""
-    module.parameters = types.MethodType(_children_parameters, module)
+    unaffected): see `Module.frozen`."""
+    module.frozen = True
 
 
 def unfreeze(module: Module) -> None:
-    vars(module).pop("parameters", None)
+    module.frozen = False
 
 
 def is_frozen(module: Module) -> bool:
-    return "parameters" in vars(module)
+    return module.frozen
 
 
 # ---------------------------------------------------------------------------

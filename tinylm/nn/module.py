@@ -47,6 +47,10 @@ class Module:
         self.grads: dict = {}
         self.buffers: dict = {}  # arrays that move with the layer but are not trained
         self.training = True
+        # a frozen layer's own parameters are not yielded by `parameters()`, so an
+        # optimizer never sees them (LoRA freezes the base model this way); they
+        # stay in `params`, where the math reads them and `to` moves them
+        self.frozen = False
         self._cache = None  # what forward keeps for backward (each layer documents it)
 
     # -- parameters -----------------------------------------------------
@@ -89,8 +93,9 @@ class Module:
             yield from child.modules()
 
     def parameters(self, prefix: str = "") -> Iterator[tuple[str, object, object]]:
-        """Yield (qualified_name, param, grad) for this layer and all sub-layers."""
-        for name, p in self.params.items():
+        """Yield (qualified_name, param, grad) for this layer and all sub-layers (a
+        frozen layer's own parameters excepted)."""
+        for name, p in ({} if self.frozen else self.params).items():
             yield prefix + name, p, self.grads[name]
         for child_name, child in self.children():
             yield from child.parameters(prefix + child_name + ".")
