@@ -2,7 +2,9 @@
 
     ckpt/
       config.json      format name + version, the GPTConfig, dtype, which files follow
-      model.npz        {parameter name: array}, names as GPT.state_dict()
+      model.npz        {parameter name: array}, names as GPT.state_dict(); a quantized
+                       model (tinylm.quant) stores each Linear weight as "<layer>.weight.codes"
+                       and "<layer>.weight.scales", and config.json says "quantization"
       tokenizer.json   the tokenizer's own versioned JSON (optional)
       optimizer.npz    AdamW: "m/<name>", "v/<name>", "t", "lr", "betas", ... (optional)
       trainer.json     step, RNG states, best validation loss, ... (optional, an object)
@@ -118,7 +120,16 @@ def save(path, model, optimizer=None, tokenizer=None, trainer_state=None) -> Pat
 def _write_files(tmp: Path, model, optimizer, tokenizer, trainer_state) -> None:
     """Step 1: every file into `tmp`, config.json (which lists them) last."""
     files = ["model.npz"]
-    _write_npz(tmp / "model.npz", model.state_dict())
+    quantization = getattr(model, "quantization", None)  # set by tinylm.quant
+    if quantization is not None:
+        from tinylm.quant import quantized_state
+
+        if optimizer is not None:
+            raise ValueError("a quantized model is for inference only: save it without an "
+                             "optimizer")
+        _write_npz(tmp / "model.npz", quantized_state(model))  # packed codes and scales
+    else:
+        _write_npz(tmp / "model.npz", model.state_dict())
     if tokenizer is not None:
         from tinylm.tokenizer.fileformat import dumps  # the tokenizer's own JSON layout
 
@@ -139,6 +150,8 @@ def _write_files(tmp: Path, model, optimizer, tokenizer, trainer_state) -> None:
         "model": model.config.to_dict(), "dtype": np.dtype(model.dtype).name,
         "files": files,
     }
+    if quantization is not None:
+        meta["quantization"] = quantization
     # config.json last: a directory with a config.json listing its files is complete.
     write_json(tmp / "config.json", meta)
     fsync_dir(tmp)
@@ -205,8 +218,9 @@ def load(path, device: str = "cpu", *, trust_pattern: bool | None = None) -> Che
 
     # 1. every size, name and shape, from the small files and the .npz headers
     config = _model_config(meta, config_file)
+    quantization = meta.get("quantization")  # checked by _read_config
     model_file = path / "model.npz"
-    weights, shapes = _weight_members(model_file, config, config_file)
+    weights, shapes = _weight_members(model_file, config, config_file, quantization)
     moments = None
     if "optimizer.npz" in files:
         moments = _optimizer_members(path / "optimizer.npz", shapes, config_file)
@@ -220,6 +234,13 @@ def load(path, device: str = "cpu", *, trust_pattern: bool | None = None) -> Che
     # 2. only now the memory: the arrays, each checked as it is read, then the model
     state = _read_weights(model_file, weights)
     model = GPT(config, device=device, dtype=meta["dtype"])
+    if quantization is not None:  # its Linear layers become QuantizedLinear, codes as stored
+        from tinylm.quant import restore_quantized
+
+        try:
+            state = restore_quantized(model, state, quantization)
+        except ValueError as exc:
+            raise FileFormatError(f"{model_file}: {shorten(exc)}") from None
     model.load_state_dict(state)
     del state  # (the model holds its own copies)
     optimizer_state = None
@@ -283,6 +304,16 @@ def _read_config(file: Path) -> dict:
                               f"{', '.join(KNOWN_FILES)}; got {shorten(files)})")
     if "model.npz" not in files:
         raise FileFormatError(f"{file}: damaged checkpoint config (model.npz is not listed)")
+    if "quantization" in meta:
+        from tinylm.quant import check_quantization
+
+        try:
+            meta["quantization"] = check_quantization(meta["quantization"])
+        except ValueError as exc:
+            raise FileFormatError(f"{file}: {shorten(exc)}") from None
+        if "optimizer.npz" in files:
+            raise FileFormatError(f"{file}: a quantized checkpoint cannot hold optimizer.npz "
+                                  "(it is for inference only)")
     meta.setdefault("dtype", "float32")
     if meta["dtype"] not in DTYPES:  # (a list or dict would make `in` fail: it compares)
         raise FileFormatError(f'{file}: "dtype" must be one of {DTYPES}, '
@@ -383,23 +414,39 @@ def _read_tokenizer(file: Path, config: GPTConfig, config_file: Path, trust_patt
 # -- the arrays: headers first, data second ----------------------------------------------
 
 
-def _weight_members(file: Path, config: GPTConfig, config_file: Path) -> tuple[dict, dict]:
+def _weight_members(file: Path, config: GPTConfig, config_file: Path,
+                    quantization: dict | None = None) -> tuple[dict, dict]:
     """model.npz's members, and the parameter shapes of `config`, once the config fits
-    the file and the members' names, shapes and float dtypes are those it implies."""
-    shapes = {}
+    the file and the members' names, shapes and float dtypes are those it implies.
+    A quantized model (`quantization`) holds each Linear weight as integer codes and
+    float32 scales instead (tinylm.quant.stored_shapes), of exactly those dtypes."""
+    shapes, stored = {}, {}
 
     def check_directory(infos: dict) -> None:  # the zip directory is read, no member yet
         tensors, params = limits.count(config)
+        if quantization is not None:  # a weight takes half a byte at least (int4)
+            params = -(-params // (2 * limits.MIN_WEIGHT_BYTES))
         limits.check_fits(config_file, file, params=params, tensors=tensors,
                           max_bytes=sum(info.file_size for info in infos.values()),
                           max_tensors=len(infos))
         shapes.update(limits.parameter_shapes(config))  # small now: one entry per member
-        _match_names(file, set(infos), shapes, config_file)
+        if quantization is None:
+            stored.update({name: (shape, None) for name, shape in shapes.items()})
+        else:
+            from tinylm.quant import stored_shapes
+
+            stored.update(stored_shapes(shapes, quantization))
+        _match_names(file, set(infos), stored, config_file)
 
     members = npz_members(file, max_expansion=limits.MAX_EXPANSION, max_ndim=limits.MAX_NDIM,
                           check_directory=check_directory)
-    _match_shapes(file, members, shapes, config_file)
-    _float_dtypes(file, members.values())
+    _match_shapes(file, members, {name: shape for name, (shape, _) in stored.items()},
+                  config_file)
+    _float_dtypes(file, [members[name] for name, (_, dtype) in stored.items() if dtype is None])
+    for name, (_, dtype) in stored.items():
+        if dtype is not None and members[name].dtype != dtype:
+            raise FileFormatError(f"{file}: {name} has dtype {members[name].dtype}; a "
+                                  f"{quantization['scheme']} checkpoint stores it as {dtype}")
     return members, shapes
 
 

@@ -23,8 +23,10 @@ from pathlib import Path
 COMMANDS = {
     "train": ("tinylm.train", "train a GPT on a text file (default: the bundled Tiny Shakespeare)"),
     "generate": ("tinylm.generate_cli", "sample text from a checkpoint (or a Hugging Face GPT-2)"),
+    "eval": ("tinylm.eval_cli", "loss, bits per byte and accuracy on the whole validation split"),
     "gradcheck": ("tinylm.gradcheck", "check every layer's backward against finite differences"),
     "bench": ("tinylm.bench", "time full training steps (tokens/s, FLOP/s, memory)"),
+    "quantize": ("tinylm.quantize_cli", "store a checkpoint's weights as int8 or int4"),
     "tokenizer": ("tinylm.tokenizer.cli", "train a BPE tokenizer, encode or decode text"),
     "serve": ("tinylm.serve.cli", "a local web page that generates and shows why each token won"),
 }

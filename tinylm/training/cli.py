@@ -3,11 +3,16 @@
 The configuration is built in layers, each overriding the last: a preset, a
 --config JSON file, the flags (--data, --out, ...), then --set KEY=VALUE. With
 --resume the checkpoint's saved configuration takes the preset's place.
+
+Under an MPI launcher (`mpirun -n N tinylm train ...`, detected from its environment;
+--distributed insists on MPI) the N processes train data-parallel: the same global
+batch, rank 0 alone printing and writing (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import textwrap
@@ -15,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tinylm import checkpoint
+from tinylm import checkpoint, distributed
 from tinylm.backend import DEVICES, to_numpy
 from tinylm.sampling import check_temperature
 from tinylm.training.config import (
@@ -55,6 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", choices=DEVICES, help="cpu, cuda or auto (field device)")
     g.add_argument("--max-iters", type=int, metavar="N", help="optimizer steps (field max_iters)")
     g.add_argument("--seed", type=int, metavar="N", help="random seed (field seed)")
+    g.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="compute format: fp32, or fp16/bf16 mixed precision (field precision)")
     r = parser.add_argument_group("run")
     r.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                    help="continue from a checkpoint: DIR is a checkpoint or a run directory "
@@ -65,6 +72,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--dry-run", action="store_true",
                    help="print the configuration and exit without training")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--distributed", action="store_true",
+                   help="data-parallel over MPI even where no launcher is detected "
+                        "(`mpirun -n N tinylm train` is detected by itself)")
     s = parser.add_argument_group("samples printed at the end (from the best checkpoint)")
     s.add_argument("--samples", type=int, default=2, metavar="N",
                    help="how many (default 2; 0: none)")
@@ -93,7 +103,8 @@ def _fields_help() -> str:
               "  tinylm train                                   # a few minutes on a CPU",
               "  tinylm train --data my.txt --out runs/mine --set max_iters=5000",
               "  tinylm train --preset shakespeare-char --device cuda",
-              "  tinylm train --resume                          # continue after Ctrl-C"]
+              "  tinylm train --resume                          # continue after Ctrl-C",
+              "  mpirun -n 2 tinylm train                       # 2 processes, data-parallel"]
     return "\n".join(lines)
 
 
@@ -144,7 +155,8 @@ def _overrides(args) -> tuple[str | None, dict]:
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; presets: {', '.join(PRESETS)}")
     flags = {"data": args.data, "tokenizer": args.tokenizer, "out_dir": args.out,
-             "device": args.device, "max_iters": args.max_iters, "seed": args.seed}
+             "device": args.device, "max_iters": args.max_iters, "seed": args.seed,
+             "precision": args.precision}
     overrides.update({k: v for k, v in flags.items() if v is not None})
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -155,25 +167,54 @@ def _overrides(args) -> tuple[str | None, dict]:
 
 
 def run(args) -> int:
-    config, source, overridden, resume = build_config(args)
-    if args.samples < 0 or args.sample_tokens < 0 or args.top_k < 0:
-        raise ValueError("--samples, --sample-tokens and --top-k must be >= 0")
-    if args.samples:  # checked now, not after the whole run
-        check_temperature(args.temperature, "--temperature")
-    print(f"tinylm train: {source} (* = overridden)")
-    print(format_config(config, overridden), flush=True)
-    if args.dry_run:
-        return 0
-    reporter = ConsoleReporter(progress=not args.no_progress)
-    try:
-        trainer = Trainer(config, reporter=reporter, resume=resume, overwrite=args.overwrite)
-        result = trainer.train()
-    finally:
-        reporter.close()
-    print_result(result)
-    if args.samples:
-        _print_samples(trainer, args)
+    comm = distributed.init("mpi" if args.distributed else "auto")  # one process: no MPI
+    root = comm.rank == 0
+    with distributed.abort_on_failure(comm), _quiet_unless_root(comm):
+        try:  # the same arguments and files on every rank: every rank fails alike
+            config, source, overridden, resume = build_config(args)
+            if args.samples < 0 or args.sample_tokens < 0 or args.top_k < 0:
+                raise ValueError("--samples, --sample-tokens and --top-k must be >= 0")
+            if args.samples:  # checked now, not after the whole run
+                check_temperature(args.temperature, "--temperature")
+        except Exception as exc:
+            exc.agreed = True
+            raise
+        if root:
+            print(f"tinylm train: {source} (* = overridden)")
+            print(format_config(config, overridden))
+            print(f"  {'world_size':<22} {comm.size}" + (
+                f"  (data-parallel processes: {comm.backend}; batch_size is the global batch)"
+                if comm.size > 1 else ""), flush=True)
+        if args.dry_run:
+            return 0
+        reporter = ConsoleReporter(progress=not args.no_progress) if root else None
+        try:
+            trainer = Trainer(config, reporter=reporter, resume=resume,
+                              overwrite=args.overwrite, comm=comm)
+            result = trainer.train()
+        finally:
+            if reporter is not None:
+                reporter.close()
+    if root:
+        print_result(result)
+        if args.samples:
+            _print_samples(trainer, args)
     return 0
+
+
+@contextlib.contextmanager
+def _quiet_unless_root(comm):
+    """On the ranks other than 0, an error that every rank raised together (`agreed`)
+    exits quietly with its code: rank 0 prints it once, not N times."""
+    try:
+        yield
+    except BaseException as exc:
+        if comm.rank == 0 or not getattr(exc, "agreed", False):
+            raise
+        quiet = SystemExit(getattr(exc, "exit_code", 130) if isinstance(exc, KeyboardInterrupt)
+                           else 2)
+        quiet.agreed = True
+        raise quiet from None
 
 
 def _print_samples(trainer: Trainer, args) -> None:

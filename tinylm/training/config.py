@@ -84,6 +84,11 @@ class TrainConfig(_ModelFields):
 
     dtype: str = _opt("float32", "parameter and activation dtype: float32 or float64",
                       fixed_on_resume=True)
+    precision: str = _opt("fp32", "compute format: fp32, or fp16/bf16 mixed precision (float32 "
+                                  "master weights and AdamW, 16-bit compute emulated on the "
+                                  "CPU; docs/precision.md)")
+    loss_scaling: bool = _opt(True, "precision=fp16 only: dynamic loss scaling (false: none, to "
+                                    "see gradients underflow)")
     # -- optimisation --
     batch_size: int = _opt(12, "B: sequences per micro-batch")
     grad_accum_steps: int = _opt(1, "micro-batches per optimizer step (the step sees "
@@ -100,6 +105,8 @@ class TrainConfig(_ModelFields):
     eps: float = _opt(1e-8, "AdamW epsilon")
     weight_decay: float = _opt(0.1, "AdamW decoupled weight decay (matrices and embeddings only)")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    zero: bool = _opt(False, "ZeRO-1 for data-parallel runs (mpirun -n N): each process keeps "
+                             "1/N of AdamW's moments (docs/distributed.md)")
     # -- evaluation, logging, run --
     eval_interval: int = _opt(250, "evaluate (and save checkpoints) every this many steps")
     eval_iters: int = _opt(20, "random batches per split in each evaluation")
@@ -171,6 +178,8 @@ class TrainConfig(_ModelFields):
             bad("device", f"one of {DEVICES}")
         if self.dtype not in ("float32", "float64"):
             bad("dtype", "float32 or float64")
+        if self.precision not in ("fp32", "fp16", "bf16"):
+            bad("precision", "fp32, fp16 or bf16")
         if not self.tokenizer or not self.out_dir:
             raise ValueError("TrainConfig.tokenizer and out_dir must not be empty")
 

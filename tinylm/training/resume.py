@@ -43,6 +43,8 @@ def capture_state(trainer) -> dict:
             "eval": trainer.eval_rng.bit_generator.state,
             "dropout": [d.rng.bit_generator.state for d in dropout_layers(trainer.model)],
         },
+        # fp16's loss scale and its counters: a resumed run goes on with the same scale
+        "loss_scaler": None if trainer.scaler is None else trainer.scaler.state_dict(),
     }
 
 
@@ -90,6 +92,13 @@ def restore_state(trainer, ckpt: checkpoint.Checkpoint) -> None:
     trainer.eval_rng.bit_generator.state = rng["eval"]
     for layer, s in zip(drops, rng["dropout"], strict=True):
         layer.rng.bit_generator.state = s
+    scaler_state = state.get("loss_scaler")  # absent before precision=fp16 existed
+    if trainer.scaler is not None and scaler_state is not None:
+        try:
+            trainer.scaler.load_state_dict(scaler_state)
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{where}: damaged trainer state: loss_scaler "
+                             f"({shorten(exc)})") from None
 
 
 # -- checking trainer.json: a file, so it is checked before anything of it is used ------

@@ -142,6 +142,26 @@ class RunDir:
             plot_log(self.log_path, self.plot_path, title=str(self.path))
 
 
+class ReaderRunDir(RunDir):
+    """The run directory as the ranks other than 0 of a data-parallel run see it: they
+    read the token cache and checkpoints, and write nothing (rank 0 writes)."""
+
+    def check_unused(self) -> None:
+        pass
+
+    def remove_leftovers(self) -> None:
+        pass
+
+    def start_log(self, resumed_step: int | None = None, evaluated: bool = False) -> None:
+        pass
+
+    def log(self, record: dict) -> None:
+        pass
+
+    def plot(self) -> None:
+        pass
+
+
 @contextlib.contextmanager
 def naming(path):
     """Let an OSError from inside name `path` when it names no file: a failed write()

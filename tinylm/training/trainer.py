@@ -17,6 +17,11 @@ Resuming restores everything a step depends on (weights, AdamW moments and step
 count, the batch sampler's and every dropout layer's random generator, the eval
 generator), so on the CPU a resumed run ends with bitwise the same weights as an
 uninterrupted one (resume.py).
+
+Data-parallel (`comm`, tinylm.distributed; `mpirun -n N tinylm train`): every rank
+draws the same global batch and trains on its rows; the gradients are all-reduced
+once per step, so the update is one process's. Rank 0 alone reports and writes the
+run directory; the other ranks read it (the token cache, a checkpoint to resume).
 """
 
 from __future__ import annotations
@@ -31,15 +36,24 @@ import numpy as np
 from tinylm import checkpoint
 from tinylm.backend import resolve_device, to_device
 from tinylm.data import Batches, get_batch, prepare
+from tinylm.distributed import (
+    SingleProcess,
+    agreed_stop,
+    broadcast_parameters,
+    make_optimizer,
+    run_on_root,
+    shard_batch,
+)
 from tinylm.model import GPT
 from tinylm.nn import SoftmaxCrossEntropy
 from tinylm.optim import AdamW, clip_grad_norm, cosine_schedule
+from tinylm.precision import LossScaler, MixedPrecision
 from tinylm.training.config import TrainConfig
-from tinylm.training.lock import RunLock
+from tinylm.training.lock import NoLock, RunLock
 from tinylm.training.memory import check_step_memory
-from tinylm.training.resume import capture_state, open_checkpoint, restore_state
-from tinylm.training.rundir import RunDir, naming
-from tinylm.training.signals import DeferredInterrupt
+from tinylm.training.resume import capture_state, dropout_layers, open_checkpoint, restore_state
+from tinylm.training.rundir import ReaderRunDir, RunDir, naming
+from tinylm.training.signals import DeferredInterrupt, StopRequested
 
 
 class TrainingDiverged(RuntimeError):
@@ -52,9 +66,10 @@ class Trainer:
     `reporter(event, info)` is told what happens (the command line prints it):
       "data"         {"message"}: tokenizer training, tokenization
       "start"        {"step", "max_iters", "params", "device", "train_tokens", "val_tokens",
-                      "tokenizer", "resumed_from"}
+                      "tokenizer", "resumed_from", "world_size"}
       "step"         {"step", "loss", "lr", "grad_norm", "tokens_per_s", "dt"} after each step
-                     (and "aux_loss", the load-balancing loss, for MoE models)
+                     (and "aux_loss", the load-balancing loss, for MoE models; "comm_s",
+                     the seconds spent in collectives, with N > 1 processes)
       "eval"         {"step", "train_loss", "val_loss", "val_ppl", "best"}
       "checkpoint"   {"path", "step", "kind"} ("last" or "best")
       "interrupted"  {"step", "path"} (path None when no checkpoint could be written)
@@ -68,18 +83,38 @@ class Trainer:
 
     The Trainer locks out_dir (lock.py) from construction until train() returns or
     raises (or close()): a second Trainer, in this process or another, is refused.
+
+    `comm`: a tinylm.distributed communicator joining N processes (ranks) that train
+    data-parallel, each constructing its Trainer alike; None is one process. Only rank
+    0 reports, locks and writes; an error it meets is raised by every rank together.
     """
 
     def __init__(self, config: TrainConfig, *, reporter=None, resume=None,
-                 overwrite: bool = False):
+                 overwrite: bool = False, comm=None):
         if not isinstance(config, TrainConfig):
             raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
         self.config = cfg = config
-        self.report = reporter or (lambda event, info: None)
-        self.run_dir = run = RunDir(cfg.out_dir)
+        self.comm = comm if comm is not None else SingleProcess()
+        self.is_root = self.comm.rank == 0
+        self.report = (reporter if self.is_root else None) or (lambda event, info: None)
+        self.run_dir = run = (RunDir if self.is_root else ReaderRunDir)(cfg.out_dir)
         self.out_dir, self.last_dir, self.best_dir = run.path, run.last_dir, run.best_dir
         self.log_path, self.plot_path = run.log_path, run.plot_path
         self.device = resolve_device(cfg.device)
+        # Rank 0 checks, locks and prepares the run directory (it writes the token cache)
+        # before the others read it; they get its tokenizer rather than train another.
+        tokenizer = run_on_root(self.comm, lambda: self._claim(resume, overwrite))
+        if not self.is_root:
+            self._lock = NoLock()
+            self._open(resume, overwrite, tokenizer)
+        broadcast_parameters(self.model.parameters(), self.comm)  # equal on every rank
+
+    def _claim(self, resume, overwrite: bool):
+        """Check, lock and open the run directory (rank 0's part); returns the tokenizer."""
+        cfg, run = self.config, self.run_dir
+        if cfg.batch_size < self.comm.size:
+            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.comm.size} "
+                             "processes: each needs at least one row of the global batch")
         # Refusals that need nothing written or allocated come first: a step that cannot
         # fit (the vocabulary may still grow: checked again below), a directory this run
         # cannot or must not write.
@@ -95,9 +130,11 @@ class Trainer:
         except BaseException:
             self._lock.release()
             raise
+        return self.tokenizer
 
-    def _open(self, resume, overwrite: bool) -> None:
-        """The rest of __init__, under the run directory's lock."""
+    def _open(self, resume, overwrite: bool, tokenizer=None) -> None:
+        """The rest of __init__, under the run directory's lock (rank 0), or reading
+        what rank 0 prepared (the other ranks: their ReaderRunDir writes nothing)."""
         cfg, run = self.config, self.run_dir
         run.remove_leftovers()  # of a process killed mid-write: none can be writing now
         if resume is None and not overwrite:
@@ -106,7 +143,8 @@ class Trainer:
         self.resumed_from = None if ckpt is None else str(ckpt.path)
 
         self.data = prepare(
-            cfg.data, ckpt.tokenizer if ckpt is not None else cfg.tokenizer, self.out_dir,
+            cfg.data, ckpt.tokenizer if ckpt is not None else tokenizer or cfg.tokenizer,
+            self.out_dir,
             vocab_size=cfg.vocab_size, train_chars=cfg.tokenizer_train_chars,
             val_fraction=cfg.val_fraction, min_tokens=cfg.context_length + 1,
             report=lambda message: self.report("data", {"message": message}))
@@ -119,8 +157,18 @@ class Trainer:
                              device=self.device, dtype=cfg.dtype)
         self.model.train()
         self.loss_fn = SoftmaxCrossEntropy()
-        self.optimizer = AdamW(self.model.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                               eps=cfg.eps, weight_decay=cfg.weight_decay)
+        # fp16/bf16: float32 master weights and AdamW, 16-bit compute (precision.py);
+        # fp16 also scales the loss so that small gradients do not underflow
+        self.precision = MixedPrecision(cfg.precision)
+        self.scaler = LossScaler() if self.precision.needs_loss_scaling and cfg.loss_scaling \
+            else None
+        adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                     weight_decay=cfg.weight_decay)
+        if self.comm.size > 1 or cfg.zero:  # all-reduces the gradients; zero: shards AdamW
+            self.optimizer = make_optimizer(self.model.parameters(), self.comm, zero=cfg.zero,
+                                            **adamw)
+        else:
+            self.optimizer = AdamW(self.model.parameters(), **adamw)
         # Separate generators: evaluation never shifts the training batches.
         self.batches = Batches(self.data.train, cfg.context_length, cfg.batch_size,
                                seed=[cfg.seed, 1])
@@ -141,6 +189,9 @@ class Trainer:
             run.start_log(self.step, evaluated=(self.last_eval or {}).get("step") == self.step)
         else:
             run.start_log()
+        if self.comm.rank > 0:  # other rows deserve other dropout masks than rank 0's
+            for i, layer in enumerate(dropout_layers(self.model)):
+                layer.rng = np.random.default_rng([cfg.seed, 3, self.comm.rank, self.step, i])
         # The state of the last step boundary: what an interrupt saves, whenever it comes.
         self._snapshot = self.trainer_state()
         self._updating = False  # True while weights and AdamW state are being changed
@@ -168,7 +219,7 @@ class Trainer:
                 while True:
                     if self._eval_due():
                         self._evaluate_and_save()
-                    stop.stop_if_requested()
+                    self._stop_if_requested(stop)
                     if self.step >= cfg.max_iters:
                         break
                     info = self.train_step()
@@ -176,7 +227,10 @@ class Trainer:
                         self.run_dir.log({"event": "step", **info, "time_s": self._elapsed()})
                     self.report("step", info)
         except KeyboardInterrupt as exc:
-            self._save_on_interrupt(getattr(exc, "signal_name", "SIGINT"))
+            # N ranks save together only at a stop they agreed on; any other interrupt
+            # may have caught them in different places (abort_on_failure ends the job)
+            if self.comm.size == 1 or getattr(exc, "agreed", False):
+                self._save_on_interrupt(getattr(exc, "signal_name", "SIGINT"))
             raise
         except OSError as exc:  # a full disk, a directory made read-only: say what is kept
             raise self._write_failed(exc) from exc
@@ -190,32 +244,55 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step over grad_accum_steps micro-batches; returns its numbers."""
         cfg, xp = self.config, self.model.xp
-        t0 = time.perf_counter()
+        t0, comm_s = time.perf_counter(), self.comm.stats["seconds"]
         lr = self.lr_at(self.step)
         self.optimizer.lr = lr
         self.model.zero_grad()
-        k = cfg.grad_accum_steps
+        k, rank, size = cfg.grad_accum_steps, self.comm.rank, self.comm.size
         loss_sum = aux_sum = 0.0
+        scale = 1.0 if self.scaler is None else self.scaler.scale  # fp16's loss scale
         for _ in range(k):
-            x, y = self.batches.next()  # (B, T) each, on the host
-            logits = self.model.forward(to_device(x, xp))  # (B, T, V)
-            loss = self.loss_fn.forward(logits, to_device(y, xp))
-            if not math.isfinite(loss):
-                raise self._diverged(f"the loss is {loss}", lr)
+            x, y = self.batches.next()  # (B, T) each, on the host: the global batch
+            # this rank's rows (B_r, T) and the weight w of its mean (1.0: one process)
+            x, y, w = shard_batch(x, y, rank, size)
             # Each micro-batch's loss is a mean over its B*T tokens; scaling its gradient
             # by 1/k makes the accumulated (+=) gradients the mean over all k*B*T tokens:
             # exactly the gradient of one batch k times larger. A MoE model optimises
             # loss + aux_loss (load balancing), whose gradient is scaled the same way;
             # the loss reported is the cross-entropy alone, comparable across variants.
-            self.model.backward(self.loss_fn.backward(1.0 / k), daux=1.0 / k)
-            loss_sum += loss
-            aux_sum += self.model.aux_loss
-        max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure, never scale
-        norm = clip_grad_norm(self.model.parameters(), max_norm)
-        if not math.isfinite(norm):
-            raise self._diverged(f"the gradient norm is {norm}", lr)
+            # With N ranks, w = N * (this rank's tokens) / (the batch's): the all-reduce's
+            # average of the ranks' weighted means is then the whole batch's mean.
+            # forward, loss and backward (in fp16/bf16 as precision.py says; fp32: as is)
+            loss = self.precision.forward_backward(
+                self.model, self.loss_fn, to_device(x, xp), to_device(y, xp),
+                dloss=scale * w / k, daux=scale * w / k)
+            if size == 1 and not math.isfinite(loss):
+                raise self._diverged(f"the loss is {loss}", lr)
+            loss_sum += w * loss / size
+            aux_sum += w * self.model.aux_loss / size
+        if size > 1:  # the global batch's losses, the same numbers on every rank
+            loss_sum, aux_sum = self.comm.allreduce_floats([loss_sum, aux_sum])
+            if not math.isfinite(loss_sum):
+                raise self._diverged(f"the loss is {loss_sum / k}", lr)
+        finite = True
+        if self.scaler is not None:  # divide the scale out; an inf or NaN skips the step
+            finite = self.scaler.unscale_(self.model.parameters())
+            if size > 1:  # every rank skips, or none does
+                finite = self.comm.allreduce_floats([0.0 if finite else 1.0])[0] == 0.0
+        norm = None
+        if finite:
+            max_norm = cfg.grad_clip if cfg.grad_clip > 0 else math.inf  # inf: measure only
+            if isinstance(self.optimizer, AdamW):  # one process
+                norm = clip_grad_norm(self.model.parameters(), max_norm)
+            else:  # N processes: the gradient all-reduce, once per step, then the global clip
+                norm = self.optimizer.reduce_and_clip(max_norm)
+            if not math.isfinite(norm):
+                raise self._diverged(f"the gradient norm is {norm}", lr)
         self._updating = True  # an interrupt from here to the snapshot cannot be saved
-        self.optimizer.step()
+        if finite:
+            self.optimizer.step()
+        if self.scaler is not None:
+            self.scaler.update(finite)  # an overflow halves the scale: the step was skipped
         self.step += 1
         self.tokens_seen += k * cfg.batch_size * cfg.context_length
         dt = time.perf_counter() - t0
@@ -225,6 +302,10 @@ class Trainer:
                   "tokens_per_s": k * cfg.batch_size * cfg.context_length / dt, "dt": dt}
         if cfg.n_experts > 0:
             record["aux_loss"] = aux_sum / k
+        if self.scaler is not None:  # grad_norm is None on a skipped step
+            record["loss_scale"], record["skipped"] = scale, not finite
+        if size > 1:  # seconds in collectives (waiting for the slowest rank included)
+            record["comm_s"] = self.comm.stats["seconds"] - comm_s
         return record
 
     def lr_at(self, step: int) -> float:
@@ -236,7 +317,7 @@ class Trainer:
 
     def evaluate(self) -> dict:
         """Mean loss over eval_iters random batches of each split (nanoGPT's estimate_loss)."""
-        cfg, xp = self.config, self.model.xp
+        cfg, xp, rank, size = self.config, self.model.xp, self.comm.rank, self.comm.size
         means = {}
         self.model.eval()  # dropout off
         try:
@@ -244,11 +325,15 @@ class Trainer:
                 losses = []
                 for _ in range(cfg.eval_iters):
                     x, y = get_batch(tokens, cfg.context_length, cfg.batch_size, self.eval_rng)
+                    x, y, w = shard_batch(x, y, rank, size)  # this rank's rows
                     logits = self.model.forward(to_device(x, xp))
-                    losses.append(self.loss_fn.forward(logits, to_device(y, xp)))
+                    losses.append(w / size * self.loss_fn.forward(logits, to_device(y, xp)))
                 means[split] = float(np.mean(losses))
         finally:
             self.model.train()
+        if size > 1:  # the sum of the ranks' weighted shares: the global batches' means
+            means["train"], means["val"] = self.comm.allreduce_floats(
+                [means["train"], means["val"]])
         val = means["val"]
         return {"step": self.step, "train_loss": means["train"], "val_loss": val,
                 "val_ppl": math.exp(val) if val < 700 else math.inf}
@@ -274,9 +359,10 @@ class Trainer:
             "params": self.model.num_parameters(), "device": self.device,
             "train_tokens": len(self.data.train), "val_tokens": len(self.data.val),
             "tokenizer": repr(self.tokenizer), "resumed_from": self.resumed_from,
+            "world_size": self.comm.size,
         })
         self.run_dir.log({"event": "start", "step": self.step, "resumed_from": self.resumed_from,
-                      "config": self.config.to_dict()})
+                          "world_size": self.comm.size, "config": self.config.to_dict()})
 
     def _eval_due(self) -> bool:
         cfg = self.config
@@ -309,21 +395,36 @@ class Trainer:
         """Write a full checkpoint (weights, tokenizer, AdamW, trainer state) to `directory`.
 
         checkpoint.save is atomic: if it fails (a full disk), the previous checkpoint is
-        untouched; its temporary "<directory>.tmp/" is removed here, so none is left."""
+        untouched; its temporary "<directory>.tmp/" is removed here, so none is left.
+        With N ranks every rank calls it: ZeRO-1's optimizer state is gathered from all
+        of them; rank 0 writes, and every rank learns whether the write failed."""
         state = self.trainer_state() if trainer_state is None else trainer_state
         directory = Path(directory)
+        optimizer = self.optimizer.state_dict() if getattr(self.optimizer, "zero", False) \
+            else self.optimizer
+        path = run_on_root(self.comm, lambda: self._write(directory, optimizer, state))
+        if directory == self.last_dir:
+            self.last_saved_step = state["step"]
+        return path
+
+    def _write(self, directory: Path, optimizer, state: dict) -> Path:
         try:
             with naming(directory):
-                path = checkpoint.save(directory, self.model, self.optimizer, self.tokenizer,
-                                       state)
+                return checkpoint.save(directory, self.model, optimizer, self.tokenizer, state)
         except BaseException:
             tmp = directory.with_name(directory.name + ".tmp")
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if directory == self.last_dir:
-            self.last_saved_step = state["step"]
-        return path
+
+    def _stop_if_requested(self, stop: DeferredInterrupt) -> None:
+        """Stop here if a signal asked to; with N ranks, if any rank got one: they agree
+        at this step boundary, so all of them stop (and save) together."""
+        signum = agreed_stop(self.comm, stop.requested)
+        if signum is not None:
+            exc = StopRequested(signum)
+            exc.agreed = self.comm.size > 1
+            raise exc
 
     def _save_on_interrupt(self, signal_name: str) -> None:
         """Save the state of the last completed step (unless weights were mid-update)."""
@@ -345,7 +446,9 @@ class Trainer:
         what = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or str(exc)
         message = (f"{what}: training stopped at step {self.step}; {self._kept()}; make room "
                    f"(or fix the directory), then: tinylm train --resume {self.out_dir}")
-        return OSError(exc.errno, message)
+        error = OSError(exc.errno, message)
+        error.agreed = getattr(exc, "agreed", False)  # raised by every rank (run_on_root)
+        return error
 
     def _kept(self) -> str:
         """Which checkpoint a stopped run leaves to resume from."""
@@ -359,7 +462,9 @@ class Trainer:
         message = (f"{what} at step {step} (lr {lr:.3g}): training stopped and "
                    f"{self._kept()}; lower lr, raise warmup_iters or set grad_clip, then resume")
         self.run_dir.log({"event": "diverged", "step": step, "message": message})
-        return TrainingDiverged(message)
+        error = TrainingDiverged(message)
+        error.agreed = self.comm.size > 1  # every rank saw the same (all-reduced) number
+        return error
 
     def trainer_state(self) -> dict:
         """What trainer.json holds: enough, with the weights and AdamW, to continue exactly."""
