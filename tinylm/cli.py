@@ -22,6 +22,8 @@ from pathlib import Path
 # `tinylm --help` stays fast and one command's dependencies never slow another.
 COMMANDS = {
     "train": ("tinylm.train", "train a GPT on a text file (default: the bundled Tiny Shakespeare)"),
+    "finetune": ("tinylm.finetune.sft_cli", "fine-tune a checkpoint on chats (SFT; LoRA or full)"),
+    "dpo": ("tinylm.finetune.dpo_cli", "tune a chat checkpoint on preference pairs (DPO)"),
     "generate": ("tinylm.generate_cli", "sample text from a checkpoint (or a Hugging Face GPT-2)"),
     "eval": ("tinylm.eval_cli", "loss, bits per byte and accuracy on the whole validation split"),
     "gradcheck": ("tinylm.gradcheck", "check every layer's backward against finite differences"),

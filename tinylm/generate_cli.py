@@ -5,6 +5,7 @@
     tinylm generate --checkpoint out/ --prompt "ROMEO:" --num-samples 3 --seed 0
     tinylm generate --hf-gpt2 gpt2/ --prompt "The meaning of life is" --top-k 50
     tinylm generate --hf-gpt2 gpt2/ --prompt "The meaning of life is" --beam-width 4
+    tinylm generate --checkpoint runs/sft --chat --lang en --prompt "reverse: lord" --temperature 0
 
 Sampling applies, in this order: repetition penalty, temperature (0 = greedy),
 top-k, top-p, min-p; then it draws from what is left (tinylm/sampling.py).
@@ -63,6 +64,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eos-id", type=int, default=None, metavar="ID",
                         help="stop a sample when it produces this token id (default: the "
                              "tokenizer's <|endoftext|> when it has one, else never)")
+    parser.add_argument("--chat", action="store_true",
+                        help="a chat model (`tinylm finetune`): the prompt is a user message, "
+                             "the reply stops at <|end|>")
+    parser.add_argument("--lang", choices=["en", "id"],
+                        help="start with this language tag of a fine-tuned model (<en>, <id>)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute the whole context for every token instead of using "
                              "the KV cache (same text, much slower; for comparison)")
@@ -88,6 +94,12 @@ def run(args) -> int:
     model, tokenizer = _load(args, device)
     prompt_ids = _encode(tokenizer, args.prompt)
     eos_id = args.eos_id
+    if args.chat or args.lang:  # a fine-tuned chat model's format (tinylm/finetune/chat.py)
+        from tinylm.finetune.cli import chat_prompt
+
+        prompt_ids, end_id, args.prompt = chat_prompt(tokenizer, args.prompt, chat=args.chat,
+                                                      lang=args.lang)
+        eos_id = end_id if eos_id is None else eos_id
     if eos_id is None:
         eos_id = getattr(tokenizer, "special_tokens", {}).get("<|endoftext|>")
     if eos_id is not None:  # checked here too, to name the option

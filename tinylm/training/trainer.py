@@ -142,19 +142,9 @@ class Trainer:
         ckpt = None if resume is None else open_checkpoint(resume, cfg, self.device)
         self.resumed_from = None if ckpt is None else str(ckpt.path)
 
-        self.data = prepare(
-            cfg.data, ckpt.tokenizer if ckpt is not None else tokenizer or cfg.tokenizer,
-            self.out_dir,
-            vocab_size=cfg.vocab_size, train_chars=cfg.tokenizer_train_chars,
-            val_fraction=cfg.val_fraction, min_tokens=cfg.context_length + 1,
-            report=lambda message: self.report("data", {"message": message}))
+        self.data = self._prepare_data(ckpt, tokenizer)
         self.tokenizer = self.data.tokenizer
-        if ckpt is not None:
-            self.model = ckpt.model
-        else:
-            check_step_memory(cfg, self.tokenizer.vocab_size, self.device)
-            self.model = GPT(cfg.gpt_config(self.tokenizer.vocab_size), seed=cfg.seed,
-                             device=self.device, dtype=cfg.dtype)
+        self.model = self._build_model(ckpt)
         self.model.train()
         self.loss_fn = SoftmaxCrossEntropy()
         # fp16/bf16: float32 master weights and AdamW, 16-bit compute (precision.py);
@@ -170,8 +160,7 @@ class Trainer:
         else:
             self.optimizer = AdamW(self.model.parameters(), **adamw)
         # Separate generators: evaluation never shifts the training batches.
-        self.batches = Batches(self.data.train, cfg.context_length, cfg.batch_size,
-                               seed=[cfg.seed, 1])
+        self.batches = self._make_batches()
         self.eval_rng = np.random.default_rng([cfg.seed, 2])
         self.step = 0  # optimizer steps taken
         self.tokens_seen = 0
@@ -181,7 +170,7 @@ class Trainer:
         self._clock = None  # (perf_counter at the start of this train() call, elapsed_s then)
         self.last_saved_step: int | None = None  # the step out_dir/last holds
         if ckpt is not None:
-            restore_state(self, ckpt)
+            self._restore(ckpt)
             if self.step > cfg.max_iters:
                 raise ValueError(f"{ckpt.path} is at step {self.step}, past max_iters "
                                  f"({cfg.max_iters}): give a larger --max-iters to continue")
@@ -195,6 +184,55 @@ class Trainer:
         # The state of the last step boundary: what an interrupt saves, whenever it comes.
         self._snapshot = self.trainer_state()
         self._updating = False  # True while weights and AdamW state are being changed
+
+    # -- the parts a subclass may replace (tinylm/finetune: chats, preference pairs) -----
+
+    def _prepare_data(self, ckpt, tokenizer):
+        """The data: an object with .tokenizer, .train, .val and .describe() (tinylm.data)."""
+        cfg = self.config
+        return prepare(
+            cfg.data, ckpt.tokenizer if ckpt is not None else tokenizer or cfg.tokenizer,
+            self.out_dir,
+            vocab_size=cfg.vocab_size, train_chars=cfg.tokenizer_train_chars,
+            val_fraction=cfg.val_fraction, min_tokens=cfg.context_length + 1,
+            report=lambda message: self.report("data", {"message": message}))
+
+    def _build_model(self, ckpt):
+        """The model to train: the checkpoint's when resuming, else a new one."""
+        if ckpt is not None:
+            return ckpt.model
+        cfg = self.config
+        check_step_memory(cfg, self.tokenizer.vocab_size, self.device)
+        return GPT(cfg.gpt_config(self.tokenizer.vocab_size), seed=cfg.seed,
+                   device=self.device, dtype=cfg.dtype)
+
+    def _make_batches(self):
+        """The training batch sampler: `next()`, and `state_dict()` holding its "rng"."""
+        cfg = self.config
+        return Batches(self.data.train, cfg.context_length, cfg.batch_size, seed=[cfg.seed, 1])
+
+    def _restore(self, ckpt) -> None:
+        """Continue from `ckpt`: AdamW's state, the counters, the generators (resume.py)."""
+        restore_state(self, ckpt)
+
+    def eval_batch(self, split: str):
+        """One random evaluation batch (x, y) of `split` ("train" or "val")."""
+        cfg = self.config
+        tokens = self.data.train if split == "train" else self.data.val
+        return get_batch(tokens, cfg.context_length, cfg.batch_size, self.eval_rng)
+
+    def forward_backward(self, dscale: float) -> tuple[float, float]:
+        """One micro-batch: draw it, then forward, loss, and backward with the loss's
+        gradient scaled by w * dscale (the gradients accumulate, +=); returns (its loss,
+        w), w being this rank's weight in the batch's mean (1.0 for one process)."""
+        xp = self.model.xp
+        x, y = self.batches.next()  # (B, T) each, on the host: the global batch
+        x, y, w = shard_batch(x, y, self.comm.rank, self.comm.size)  # this rank's rows
+        # forward, loss and backward (in fp16/bf16 as precision.py says; fp32: as is)
+        loss = self.precision.forward_backward(
+            self.model, self.loss_fn, to_device(x, xp), to_device(y, xp),
+            dloss=dscale * w, daux=dscale * w)
+        return loss, w
 
     def close(self) -> None:
         """Let go of the run directory's lock (train() does, when it returns or raises)."""
@@ -243,18 +281,15 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over grad_accum_steps micro-batches; returns its numbers."""
-        cfg, xp = self.config, self.model.xp
+        cfg = self.config
         t0, comm_s = time.perf_counter(), self.comm.stats["seconds"]
         lr = self.lr_at(self.step)
         self.optimizer.lr = lr
         self.model.zero_grad()
-        k, rank, size = cfg.grad_accum_steps, self.comm.rank, self.comm.size
+        k, size = cfg.grad_accum_steps, self.comm.size
         loss_sum = aux_sum = 0.0
         scale = 1.0 if self.scaler is None else self.scaler.scale  # fp16's loss scale
         for _ in range(k):
-            x, y = self.batches.next()  # (B, T) each, on the host: the global batch
-            # this rank's rows (B_r, T) and the weight w of its mean (1.0: one process)
-            x, y, w = shard_batch(x, y, rank, size)
             # Each micro-batch's loss is a mean over its B*T tokens; scaling its gradient
             # by 1/k makes the accumulated (+=) gradients the mean over all k*B*T tokens:
             # exactly the gradient of one batch k times larger. A MoE model optimises
@@ -262,10 +297,7 @@ class Trainer:
             # the loss reported is the cross-entropy alone, comparable across variants.
             # With N ranks, w = N * (this rank's tokens) / (the batch's): the all-reduce's
             # average of the ranks' weighted means is then the whole batch's mean.
-            # forward, loss and backward (in fp16/bf16 as precision.py says; fp32: as is)
-            loss = self.precision.forward_backward(
-                self.model, self.loss_fn, to_device(x, xp), to_device(y, xp),
-                dloss=scale * w / k, daux=scale * w / k)
+            loss, w = self.forward_backward(scale / k)  # draw, forward, backward (grads +=)
             if size == 1 and not math.isfinite(loss):
                 raise self._diverged(f"the loss is {loss}", lr)
             loss_sum += w * loss / size
@@ -321,10 +353,10 @@ class Trainer:
         means = {}
         self.model.eval()  # dropout off
         try:
-            for split, tokens in (("train", self.data.train), ("val", self.data.val)):
+            for split in ("train", "val"):
                 losses = []
                 for _ in range(cfg.eval_iters):
-                    x, y = get_batch(tokens, cfg.context_length, cfg.batch_size, self.eval_rng)
+                    x, y = self.eval_batch(split)
                     x, y, w = shard_batch(x, y, rank, size)  # this rank's rows
                     logits = self.model.forward(to_device(x, xp))
                     losses.append(w / size * self.loss_fn.forward(logits, to_device(y, xp)))
