@@ -49,16 +49,9 @@ def read_json(path, *, what: str = "JSON file", expect: type | None = dict,
     `what` names the file's role in the messages ("tokenizer file").
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise FileFormatError(f"{path}: {what} of {size:,} bytes is larger than the "
-                              f"{max_bytes:,} bytes allowed")
+    text = read_text(path, what=what, max_bytes=max_bytes)  # bounded size, UTF-8
     try:
-        value = json.loads(path.read_bytes().decode("utf-8"), object_pairs_hook=no_duplicate_keys)
-    except UnicodeDecodeError as exc:
-        raise FileFormatError(f"{path}: {what} is not UTF-8 text ({exc.reason})") from None
+        value = json.loads(text, object_pairs_hook=no_duplicate_keys)
     except (json.JSONDecodeError, RecursionError, ValueError) as exc:
         raise FileFormatError(f"{path}: {what} is not valid JSON ({_short(exc)})") from None
     if expect is not None and not isinstance(value, expect):
