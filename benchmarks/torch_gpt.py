@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -269,6 +270,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -292,6 +302,7 @@ def main(argv=None) -> int:
             return 2
         bias, tie = arch["bias"], arch["tie_weights"]
 
+    rss_before = _current_rss_mb()
     model = TorchGPT(V, T, C, L, H, bias=bias, tie_weights=tie, attention=args.attention)
     model.to(args.device)
     if state is not None:
@@ -316,11 +327,12 @@ def main(argv=None) -> int:
     for _ in range(args.warmup):
         loss = step()
         first_loss = loss if first_loss is None else first_loss
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         loss = step()
         times.append(time.perf_counter() - t0)
+        cpu_times.append(time.process_time() - c0)
         first_loss = loss if first_loss is None else first_loss
 
     step_ms = 1000.0 * statistics.median(times)
@@ -345,7 +357,13 @@ def main(argv=None) -> int:
         "gflops_per_s": round(flops_per_token * tokens_per_s / 1e9, 2),
         "first_loss": first_loss,
         "step_ms_min": round(1000.0 * min(times), 3),
+        "cpu_ms_median": round(1000.0 * statistics.median(cpu_times), 3),
     }
+    if args.device == "cpu":  # peak RSS (as tinylm bench), and the part the training took
+        import resource
+
+        result["peak_mem_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        result["train_mem_mb"] = result["peak_mem_mb"] - rss_before
     if args.json:
         print(json.dumps(result))
     else:

@@ -313,7 +313,8 @@ def test_grow_vocab_keeps_old_logits(tie, device):
     bigger = grow_vocab(model, 71, seed=1)
     after = to_numpy(bigger.forward(idx))
     assert after.shape == (2, 10, 71) and model.config.vocab_size == 65
-    np.testing.assert_array_equal(after[..., :65], before)
+    # equal up to rounding: BLAS may block a 71-column product differently from a 65-column one
+    np.testing.assert_allclose(after[..., :65], before, rtol=1e-12, atol=1e-15)
     emb = to_numpy(bigger.tok_emb.params["weight"])
     new = emb[65:]
     assert np.abs(new - emb[:65].mean(0)).max() < 0.02 and len(np.unique(new[:, 0])) == 6

@@ -169,3 +169,95 @@ def test_backward_after_inference_is_a_clear_error():
     model.forward_cached(tokens(1, 4), KVCache.for_model(model, 1))
     with pytest.raises(RuntimeError, match="without a matching forward"):
         model.backward(np.zeros((1, 4, CFG.vocab_size)))
+
+
+# -------------------------------------------------- past the context: a rolling cache
+
+ROLLS_EXACTLY = [  # rolling_is_exact: no cached key depends on a token out of the window
+    dict(pos="rope", n_layers=1),
+    dict(pos="none", n_layers=1),
+    dict(pos="rope", n_layers=2, sliding_window=3),  # receptive field 2 * (3 - 1) < 8
+]
+
+
+def cfg_with(**kw):
+    return GPTConfig(**{**CFG.to_dict(), **kw})
+
+
+@pytest.mark.parametrize("kw", ROLLS_EXACTLY)
+@pytest.mark.parametrize("rolling", [None, False])
+def test_rolling_cache_gives_the_cropped_forward_where_promised(device, kw, rolling):
+    """By default (rolling=None) the Decoder rolls where that is exact: its logits are
+    the cropped forward's at every step, far past the context; rolling=False rebuilds."""
+    from tinylm.sampling import rolling_is_exact
+
+    cfg = cfg_with(**kw)
+    assert rolling_is_exact(cfg)
+    model = make_model(device, cfg)
+    seq = tokens(2, 30, seed=3)
+    decoder = Decoder(model, 2, use_cache=True, rolling=rolling)
+    assert decoder.rolling == (rolling is None)
+    L = CFG.context_length
+    for n in range(3, seq.shape[1] + 1):  # 22 steps past the context of 8
+        ref = to_numpy(model.forward(seq[:, max(n - L, 0):n]))[:, -1]
+        close(decoder.next_logits(seq[:, :n]), ref)
+        assert decoder.cache.pos <= L  # positions are renumbered, never past the tables
+
+
+def test_rolling_true_is_exact_for_layer_0_keys_only():
+    """A 2-layer RoPE model, rolling=True: exact until the window slides; after, the
+    layer-0 keys it holds are those of a forward over the window (renumbered 0..T-2),
+    the layer-1 keys are not (they saw tokens that have left the window)."""
+    from tinylm.sampling import rolling_is_exact
+
+    cfg = cfg_with(pos="rope")
+    assert not rolling_is_exact(cfg)
+    model = make_model(cfg=cfg)
+    seq = tokens(1, 20, seed=4)
+    L = CFG.context_length
+    decoder = Decoder(model, 1, use_cache=True, rolling=True)
+    exact = Decoder(model, 1, use_cache=True)
+    assert decoder.rolling and not exact.rolling
+    for n in range(3, L + 1):  # inside the context both are exact
+        close(decoder.next_logits(seq[:, :n]), exact.next_logits(seq[:, :n]))
+    for n in range(L + 1, seq.shape[1] + 1):
+        decoder.next_logits(seq[:, :n])
+    cache = decoder.cache
+    held = cache.held
+    assert held == cache.slots == L - 1 and cache.pos == held + 1
+    # the rolling cache holds the last T-1 tokens at positions 1..T-1; a forward over the
+    # last T tokens from scratch puts them at the same positions
+    window = KVCache.for_model(model, 1)
+    model.forward_cached(seq[:, -L:], window)
+    close(cache.k[0][:, :, :held], window.k[0][:, :, 1:L])
+    close(cache.v[0][:, :, :held], window.v[0][:, :, 1:L])
+    assert np.abs(cache.k[1][:, :, :held] - window.k[1][:, :, 1:L]).max() > 1e-3
+
+
+def test_rolling_generate_and_beam_search_match_recomputation():
+    model = make_model(cfg=cfg_with(pos="rope", n_layers=1))
+    prompt = tokens(2, 5, seed=5)
+    a = generate(model, prompt, 25, temperature=0.8, top_k=10, seed=1)
+    b = generate(model, prompt, 25, temperature=0.8, top_k=10, seed=1, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+    from tinylm.sampling import beam_search
+
+    a = beam_search(model, prompt, 15, beam_width=3)
+    b = beam_search(model, prompt, 15, beam_width=3, use_cache=False)
+    np.testing.assert_array_equal(a, b)
+
+
+def test_rolling_needs_relative_positions_and_single_steps():
+    model = make_model()  # pos="learned"
+    with pytest.raises(ValueError, match="rolling"):
+        generate(model, tokens(1, 3), 4, rolling=True)
+    with pytest.raises(ValueError, match="rolling"):
+        KVCache.for_model(model, 1, rolling=True)
+    model = make_model(cfg=cfg_with(pos="none"))
+    cache = KVCache.for_model(model, 1, rolling=True)
+    assert cache.slots == CFG.context_length - 1
+    model.forward_cached(tokens(1, CFG.context_length), cache)  # a full prefill still fits
+    with pytest.raises(ValueError, match="one token at a time"):
+        model.forward_cached(tokens(1, 2), cache)
+    model.forward_cached(tokens(1, 1), cache)
+    assert cache.pos == CFG.context_length

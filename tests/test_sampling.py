@@ -489,7 +489,7 @@ TEXT = "to be or not to be, that is the question\n"
 
 @pytest.fixture
 def fake_checkpoint(monkeypatch):
-    """`tinylm.checkpoint.load` returning a tiny char-level model (whatever the real module)."""
+    """`tinylm.checkpoint.load` returning a tiny char-level model."""
     tok = CharTokenizer.train(TEXT)
     cfg = GPTConfig(vocab_size=tok.vocab_size, context_length=16, d_model=16, n_layers=1,
                     n_heads=2)
@@ -501,7 +501,9 @@ def fake_checkpoint(monkeypatch):
             raise FileNotFoundError("missing: no such checkpoint directory")
         return types.SimpleNamespace(model=GPT(cfg, seed=0, device=device), tokenizer=tok)
 
-    monkeypatch.setitem(sys.modules, "tinylm.checkpoint", types.SimpleNamespace(load=load))
+    import tinylm.checkpoint  # the real module stays (the run-directory lookup uses it)
+
+    monkeypatch.setattr(tinylm.checkpoint, "load", load)
     return calls
 
 

@@ -172,12 +172,14 @@ def test_an_absurd_batch_is_refused_before_anything_is_allocated(tiny, tmp_path,
     assert err.count("\n") == 1 and "lower batch_size" in err
 
 
-def test_the_step_memory_estimate_is_a_lower_bound(tiny):
+@pytest.mark.parametrize("settings", [{}, {"recompute": True}, {"attention": "flash"}])
+def test_the_step_memory_estimate_is_a_lower_bound(tiny, settings):
     """Measured with tracemalloc (NumPy reports its allocations to it): the estimate
-    never exceeds a real step's peak, so it never refuses a step that would fit."""
+    never exceeds a real step's peak, so it never refuses a step that would fit;
+    recomputation and flash attention lower it, as they lower the step's memory."""
     import tracemalloc
 
-    config = tiny(batch_size=16, max_iters=1, eval_interval=100)
+    config = tiny(batch_size=16, max_iters=1, eval_interval=100, **settings)
     trainer = Trainer(config)
     tracemalloc.start()
     trainer.train_step()
@@ -188,6 +190,9 @@ def test_the_step_memory_estimate_is_a_lower_bound(tiny):
     estimate = step_memory_bytes(config, trainer.tokenizer.vocab_size)
     params = trainer.model.num_parameters() * 4  # the weights existed before tracing
     assert estimate <= peak + params
+    if settings:
+        plain = tiny(batch_size=16, max_iters=1, eval_interval=100)
+        assert estimate < step_memory_bytes(plain, trainer.tokenizer.vocab_size)
 
 
 def test_model_fields_are_gpt_configs_declared_once():

@@ -1,7 +1,10 @@
 """Time full training steps: forward, loss, backward, clipping, AdamW.
 
 Reports tokens/s, median step time, estimated model FLOP/s and peak memory for
-fixed configurations. Each configuration runs in its own subprocess, so that
+fixed configurations. Memory is reported two ways: the process's peak RSS, and the
+training memory: that peak minus the RSS just before the model was built (what the
+model, optimizer and steps took, without the libraries' own footprint: PyTorch's
+is some 300 MB). Each configuration runs in its own subprocess, so that
 thread settings apply before NumPy loads and peak memory is per configuration.
 With --compare-torch, a plain PyTorch eager model of the same architecture and
 the same weights (benchmarks/torch_gpt.py) is timed in another subprocess.
@@ -19,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from tinylm import BLAS_THREAD_TIMEOUT, USER_BLAS_THREAD_TIMEOUT
 from tinylm.fileio import write_json
 
 # name: (vocab_size, d_model, n_layers, n_heads, context_length, batch_size)
@@ -38,7 +42,7 @@ def flops_per_token(V: int, d: int, L: int, T: int) -> float:
 
 
 def bench_config(name: str, steps: int, warmup: int, device: str, seed: int = 0,
-                 weights_out: str | None = None) -> dict:
+                 weights_out: str | None = None, recompute: bool = False) -> dict:
     """Time `steps` training steps of config `name` in this process; returns a result dict."""
     import numpy as np
 
@@ -49,8 +53,10 @@ def bench_config(name: str, steps: int, warmup: int, device: str, seed: int = 0,
 
     V, d, L, H, T, B = CONFIGS[name]
     xp = get_xp(device)
+    rss_before = current_rss_mb()
     cfg = GPTConfig(vocab_size=V, context_length=T, d_model=d, n_layers=L, n_heads=H)
     model = GPT(cfg, seed=seed, device=device)
+    model.recompute = recompute
     if weights_out:
         np.savez(weights_out, **model.state_dict())
     loss_fn = SoftmaxCrossEntropy(label_smoothing=0.1)
@@ -62,11 +68,11 @@ def bench_config(name: str, steps: int, warmup: int, device: str, seed: int = 0,
         if xp is not np:
             xp.cuda.Device().synchronize()
 
-    times, losses = [], []
+    times, cpu_times, losses = [], [], []
     for i in range(warmup + steps):
         idx, targets = batches[i % len(batches)]
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         model.zero_grad()
         loss = loss_fn.forward(model.forward(idx), targets)
         model.backward(loss_fn.backward())
@@ -75,17 +81,30 @@ def bench_config(name: str, steps: int, warmup: int, device: str, seed: int = 0,
         sync()
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
             losses.append(loss)
     step = float(np.median(times))
     tok_s = B * T / step
     result = {
         "config": name, "impl": "tinylm", "device": device, "step_ms_median": step * 1e3,
         "step_ms_min": min(times) * 1e3, "tokens_per_s": tok_s,
+        "cpu_ms_median": float(np.median(cpu_times)) * 1e3, "recompute": recompute,
         "gflops_per_s": flops_per_token(V, d, L, T) * tok_s / 1e9,
         "params": model.num_parameters(), "final_loss": losses[-1],
     }
     result["peak_mem_mb"] = _peak_memory_mb(xp)
+    if xp is np:
+        result["train_mem_mb"] = result["peak_mem_mb"] - rss_before
     return result
+
+
+def current_rss_mb() -> float:
+    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 def _peak_memory_mb(xp) -> float:
@@ -99,10 +118,16 @@ def _peak_memory_mb(xp) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def _subprocess(cmd: list[str], threads: int) -> dict:
+def _subprocess(cmd: list[str], threads: int, tinylm: bool = True) -> dict:
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
+    # tinylm's processes get the shorter OpenBLAS spin (tinylm/__init__.py); PyTorch's
+    # run as PyTorch users run them: without it, unless the user set it
+    if tinylm:
+        env.setdefault("OPENBLAS_THREAD_TIMEOUT", BLAS_THREAD_TIMEOUT)
+    elif USER_BLAS_THREAD_TIMEOUT is None:
+        env.pop("OPENBLAS_THREAD_TIMEOUT", None)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark subprocess failed: {' '.join(cmd)}\n{proc.stderr.strip()}")
@@ -123,6 +148,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="where tinylm runs (default cpu)")
     parser.add_argument("--compare-torch", action="store_true",
                         help="also time PyTorch eager with the same weights (needs torch)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="tinylm recomputes activations in backward (model.recompute)")
     parser.add_argument("--json", metavar="FILE", help="also write all results to FILE as JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one config, in-process
 
@@ -136,7 +163,8 @@ def _median(values):
 def run(args) -> int:
     if args.worker:  # we are the subprocess: time one config, print JSON
         print(json.dumps(bench_config(args.worker, args.steps, args.warmup, args.device,
-                                      weights_out=os.environ.get("TINYLM_BENCH_WEIGHTS"))))
+                                      weights_out=os.environ.get("TINYLM_BENCH_WEIGHTS"),
+                                      recompute=args.recompute)))
         return 0
     if args.steps < 1 or args.warmup < 0 or args.threads < 1 or args.repeat < 1:
         raise ValueError("--steps, --repeat and --threads must be >= 1 and --warmup >= 0")
@@ -150,10 +178,13 @@ def run(args) -> int:
         if importlib.util.find_spec("torch") is None:
             raise RuntimeError("--compare-torch needs PyTorch: pip install torch")
     print(f"tinylm bench: {args.steps} steps after {args.warmup} warm-up, {args.repeat} round(s), "
-          f"{args.threads} thread(s), device {args.device}")
-    print(f"{'config':<8} {'impl':<8} {'step ms':>9} {'tokens/s':>10} {'GFLOP/s':>8} "
-          f"{'peak MB':>8} {'vs torch':>9}")
+          f"{args.threads} thread(s), device {args.device}, OPENBLAS_THREAD_TIMEOUT="
+          f"{os.environ.get('OPENBLAS_THREAD_TIMEOUT', BLAS_THREAD_TIMEOUT)}"
+          + (", recompute" if args.recompute else ""))
+    print(f"{'config':<8} {'impl':<8} {'step ms':>9} {'CPU ms':>8} {'tokens/s':>10} "
+          f"{'GFLOP/s':>8} {'peak MB':>8} {'train MB':>9} {'vs torch':>9} {'mem ratio':>9}")
     common = ["--steps", str(args.steps), "--warmup", str(args.warmup)]
+    extra = ["--recompute"] if args.recompute else []
     all_results = []
     for name in args.config:
         rounds = {"tinylm": [], "torch": []}
@@ -163,21 +194,28 @@ def run(args) -> int:
                 os.environ["TINYLM_BENCH_WEIGHTS"] = weights if args.compare_torch else ""
                 rounds["tinylm"].append(_subprocess(
                     [sys.executable, "-m", "tinylm", "bench", "--worker", name, "--device",
-                     args.device] + common, args.threads))
+                     args.device] + common + extra, args.threads))
                 if args.compare_torch:  # same weights, in a process of its own
                     rounds["torch"].append(_subprocess(
                         [sys.executable, str(TORCH_SCRIPT), "--config", name, "--threads",
-                         str(args.threads), "--weights", weights, "--json"] + common, args.threads))
+                         str(args.threads), "--weights", weights, "--json"] + common, args.threads,
+                        tinylm=False))
         summary = {impl: _summarise(name, impl, rs) for impl, rs in rounds.items() if rs}
         if "torch" in summary:
             summary["tinylm"]["ratio_vs_torch"] = (summary["tinylm"]["tokens_per_s"]
                                                    / summary["torch"]["tokens_per_s"])
+            if summary["tinylm"].get("train_mem_mb") and summary["torch"].get("train_mem_mb"):
+                summary["tinylm"]["mem_ratio_vs_torch"] = (summary["tinylm"]["train_mem_mb"]
+                                                           / summary["torch"]["train_mem_mb"])
         for r in summary.values():
             ratio = f"{r['ratio_vs_torch']:.2f}x" if "ratio_vs_torch" in r else ""
+            mem_ratio = f"{r['mem_ratio_vs_torch']:.2f}x" if "mem_ratio_vs_torch" in r else ""
             peak = f"{r['peak_mem_mb']:.0f}" if r.get("peak_mem_mb") else "-"
-            print(f"{name:<8} {r['impl']:<8} {r['step_ms_median']:>9.1f} "
-                  f"{r['tokens_per_s']:>10,.0f} {r['gflops_per_s']:>8.1f} {peak:>8} {ratio:>9}",
-                  flush=True)
+            train = f"{r['train_mem_mb']:.0f}" if r.get("train_mem_mb") else "-"
+            cpu = f"{r['cpu_ms_median']:.1f}" if r.get("cpu_ms_median") else "-"
+            print(f"{name:<8} {r['impl']:<8} {r['step_ms_median']:>9.1f} {cpu:>8} "
+                  f"{r['tokens_per_s']:>10,.0f} {r['gflops_per_s']:>8.1f} {peak:>8} {train:>9} "
+                  f"{ratio:>9} {mem_ratio:>9}", flush=True)
         all_results.append({"config": name, "summary": summary, "rounds": rounds})
     if args.json:
         from tinylm.cli import naming
@@ -193,6 +231,10 @@ def _summarise(name: str, impl: str, rounds: list[dict]) -> dict:
     step_ms = _median([r["step_ms_median"] for r in rounds])
     tok_s = B * T / (step_ms / 1e3)
     peaks = [r["peak_mem_mb"] for r in rounds if r.get("peak_mem_mb")]
+    train = [r["train_mem_mb"] for r in rounds if r.get("train_mem_mb")]
+    cpu = [r["cpu_ms_median"] for r in rounds if r.get("cpu_ms_median")]
     return {"config": name, "impl": impl, "rounds": len(rounds), "step_ms_median": step_ms,
             "tokens_per_s": tok_s, "gflops_per_s": flops_per_token(V, d, L, T) * tok_s / 1e9,
-            "peak_mem_mb": max(peaks) if peaks else None}
+            "peak_mem_mb": max(peaks) if peaks else None,
+            "train_mem_mb": max(train) if train else None,
+            "cpu_ms_median": _median(cpu) if cpu else None}

@@ -32,12 +32,15 @@ from tinylm.nn.block import Block
 from tinylm.nn.linear import Embedding, Linear, check_ids
 from tinylm.nn.module import Module
 from tinylm.nn.norm import make_norm
-from tinylm.nn.positions import sinusoidal_positions
+from tinylm.nn.positions import apply_rope, sinusoidal_positions
 
 __all__ = ["GPT", "GPTConfig"]
 
 class GPT(Module):
-    """A GPT-2 style decoder. `GPT(config, seed=0, device="cpu", dtype="float32")`."""
+    """A GPT-2 style decoder. `GPT(config, seed=0, device="cpu", dtype="float32")`.
+
+    `model.recompute = True` recomputes each block's activations in backward instead of
+    keeping them (activation recomputation: `_block_forward`)."""
 
     def __init__(self, config: GPTConfig, seed: int = 0, device: str = "cpu", dtype="float32"):
         super().__init__()
@@ -107,7 +110,7 @@ class GPT(Module):
         self._add_positions(x, 0, T)
         x = self.drop.forward(x)
         for block in self.blocks:
-            x = block.forward(x)  # (B, T, C)
+            x = self._block_forward(block, x)  # (B, T, C)
         h = self.ln_f.forward(x)  # (B, T, C)
         self._cache = h
         return self._head(h)  # (B, T, V)
@@ -165,13 +168,50 @@ class GPT(Module):
             dh = self.head.backward(dlogits)  # (B, T, C)
         dx = self.ln_f.backward(dh)
         for block in reversed(self.blocks):
-            dx = block.backward(dx)
+            dx = self._block_backward(block, dx)
         dx = self.drop.backward(dx)
         if self.config.pos == "learned":
             # x = tok_emb[idx] + pos_emb[t]: the sum forks dx to both tables; each
             # position's row collects the gradient of every sequence in the batch.
             self.pos_emb.backward(dx.sum(axis=0))  # (T, C)
         self.tok_emb.backward(dx)  # the lookup's share of the (tied) matrix gradient
+
+    # -- activation recomputation (gradient checkpointing) ------------------------
+
+    recompute = False  # `model.recompute = True` switches it on (training forwards only)
+
+    def _block_forward(self, block, x):
+        """x (B, T, C) -> block.forward(x). With `recompute` on, in training mode, the
+        block then keeps only its input x and where its dropout streams stood; its
+        activations are freed here and recomputed in `_block_backward`.
+
+        Activation recomputation (Chen et al. 2016, "Training Deep Nets with Sublinear
+        Memory Cost"): the activations of a forward, kept for backward, are most of a
+        training step's memory. Keeping one (B, T, C) array per block instead, and
+        running each block's forward again just before its backward, costs about one
+        more forward (a third more compute) and keeps one block's activations at a time.
+        """
+        if not (self.recompute and self.training):
+            return block.forward(x)
+        streams = _dropout_streams(block)  # before the forward draws its masks
+        y = block.forward(x)  # (B, T, C)
+        block.clear_backward_caches()  # every activation inside the block goes...
+        block._cache = (x, streams)  # ...but its input: the block's checkpoint
+        return y
+
+    def _block_backward(self, block, dout):
+        """dout (B, T, C) -> dx (B, T, C), recomputing the block's forward first when
+        `_block_forward` kept only its input. The recomputed forward is the same
+        computation on the same input, with each dropout layer's generator put back
+        where it stood, so it draws the same masks: the activations, and so the
+        gradients, are bit for bit those of a run without recomputation."""
+        if block._cache is None:  # a forward without recomputation: activations are there
+            return block.backward(dout)
+        x, streams = block._take_cache()
+        for drop, state in streams:
+            drop.rng.bit_generator.state = state  # replay the same masks
+        block.forward(x)  # the activations again; its output is not needed
+        return block.backward(dout)
 
     # -- inference with a KV cache ---------------------------------------------
 
@@ -184,7 +224,9 @@ class GPT(Module):
         Gives the same logits as `forward` on the whole sequence (the rows for
         these positions) while computing only the new positions: each layer
         appends their keys/values to its cache and attends over all of them.
-        Eval mode only (no dropout) and keeps nothing for backward.
+        Eval mode only (no dropout) and keeps nothing for backward. A rolling cache
+        (`KVCache.for_model(model, B, rolling=True)`) goes on past the context, one
+        token at a time; where that is exact: tinylm/nn/kv_cache.py.
         """
         if self.training:
             raise RuntimeError("forward_cached is for inference: call model.eval() first "
@@ -195,11 +237,16 @@ class GPT(Module):
         if cache.batch_size != B:
             raise ValueError(f"the KV cache holds {cache.batch_size} sequences, idx has {B}")
         if pos + t > self.config.context_length:
-            raise ValueError(
-                f"the KV cache holds {pos} positions and {t} more would exceed context_length "
-                f"{self.config.context_length}; reset it and prefill the last context_length "
-                "tokens (tinylm.generate does this)"
-            )
+            if not cache.rolling:
+                raise ValueError(
+                    f"the KV cache holds {pos} positions and {t} more would exceed "
+                    f"context_length {self.config.context_length}; reset it and prefill the "
+                    "last context_length tokens (tinylm.generate does this)"
+                )
+            if t != 1:
+                raise ValueError("past the context a rolling KV cache takes one token at a "
+                                 f"time, got {t}")
+            pos = self._renumber_positions(cache)
         x = self.tok_emb.forward(idx)  # (B, t, C)
         self._add_positions(x, pos, t)  # positions go on from the cache
         for layer, block in enumerate(self.blocks):
@@ -211,8 +258,32 @@ class GPT(Module):
             x = x[:, -1:]  # (B, 1, C)
         h = self.ln_f.forward(x)  # (B, t', C), LayerNorm is per position
         logits = self._head(h)  # (B, t', V)
-        self.clear_backward_caches()
+        if cache.layers is None or cache.layers[0] is not self:
+            cache.layers = list(self.modules())  # listed once per cache: see KVCache.layers
+        for m in cache.layers:  # what the layers' forwards kept for a backward: drop it
+            m._cache = None
         return logits if all_logits else logits[:, -1]  # (B, t, V) or (B, V)
+
+    def _renumber_positions(self, cache) -> int:
+        """A full rolling cache (pos="rope" or "none"): number its held positions
+        0..held-1 again, and return the new token's position, held.
+
+        Scores see positions only through offsets q - k, so shifting every position
+        down by the same s changes none of them, and positions stay inside RoPE's
+        tables (which end at the context). RoPE's cached keys carry their rotation,
+        so each is turned back by s positions: one rotation by the angles of position
+        s, applied to all of them. Run before every token once the cache is full (s = 1)."""
+        held = cache.held
+        shift = cache.pos - held
+        if shift:
+            for layer, block in enumerate(self.blocks):
+                rope = block.attn.rope
+                if rope is not None:
+                    cos, sin = rope.tables(shift + 1, self.xp, self.dtype)  # (n, hs) each
+                    keys = cache.k[layer][:, :, :held]  # (B, Hkv, held, hs) view
+                    keys[...] = apply_rope(keys, cos[shift], -sin[shift])  # angle -shift
+        cache.pos = held
+        return held
 
     # -- state --------------------------------------------------------------
 
@@ -238,3 +309,9 @@ class GPT(Module):
                 )
         for name, p in own.items():
             p[...] = to_device(to_numpy(state[name]).astype(p.dtype), self.xp)
+
+
+def _dropout_streams(layer) -> list:
+    """[(dropout layer, the state of its generator)] for every Dropout in `layer`: what
+    it takes to draw the same masks again (each Dropout draws from its own stream)."""
+    return [(m, m.rng.bit_generator.state) for m in layer.modules() if isinstance(m, Dropout)]

@@ -247,44 +247,75 @@ class Decoder:
     at positions 0..T-1, so every token's *position* changes at every step. With
     learned absolute position embeddings that changes every hidden state in every
     layer, and no cached key or value stays valid. The exact thing to do, and what
-    this does, is to rebuild the cache from the whole window each step (a prefill
-    of T tokens): the logits then equal those of a forward over the last T tokens
-    (up to rounding), but such a step costs as much as the uncached one: the cache
-    pays off while the sequence fits in the context, not beyond. Cheaper schemes
-    exist (refill from the last T/2 tokens and decode T/2 steps incrementally:
-    amortised O(T) per token, but the model then sees between T/2 and T tokens of
-    context, so the logits differ from the cropped forward; or rotary/relative
-    positions, which make shifted keys reusable). tinylm keeps exactness, for
-    every `pos` kind: even with RoPE, whose scores depend only on offsets, the
-    deeper layers' cached keys were computed from tokens that have left the
-    window, so they are not those of the cropped forward. (A sliding-window
-    model keeps only W positions per layer, but its receptive field still grows
-    by W-1 per layer.)
+    this does by default, is to rebuild the cache from the whole window each step (a
+    prefill of T tokens): the logits then equal those of a forward over the last T
+    tokens (up to rounding), but such a step costs as much as the uncached one.
+
+    With pos="rope" or "none" attention sees positions only through offsets, so a
+    key need not change when the window slides, and a *rolling* cache
+    (tinylm/nn/kv_cache.py) drops the oldest position and decodes on at O(T) a
+    token. That is exact only for keys that depend on no token which has left the
+    window: layer 0's. Deeper layers' cached keys were computed while older tokens
+    were still in view, so they differ from the cropped forward's. The Decoder
+    therefore rolls by default (`rolling=None`) only where every key that matters is
+    exact (one layer, or a sliding window W with n_layers * (W - 1) < T:
+    `rolling_is_exact`); `rolling=True` rolls anyway, trading exactness past the
+    context for speed (the model then sees more than T tokens' worth of context
+    through its deeper keys); `rolling=False` always re-prefills.
     """
 
-    def __init__(self, model, batch_size: int, use_cache: bool):
+    def __init__(self, model, batch_size: int, use_cache: bool, rolling: bool | None = None):
         self.model = model
         self.T = model.config.context_length  # the window
-        self.cache = KVCache.for_model(model, batch_size) if use_cache else None
+        auto = rolling is None and rolling_is_exact(model.config)
+        self.rolling = bool(use_cache and (rolling or auto))
+        self.cache = (KVCache.for_model(model, batch_size, rolling=self.rolling)
+                      if use_cache else None)
+        self.fed = 0  # rolling: tokens of the sequence consumed (or skipped) so far
 
     def next_logits(self, seq: np.ndarray) -> np.ndarray:
         """seq (B, n) host int64 -> logits for token n+1, (B, V) float64 on the host."""
         T, n = self.T, seq.shape[1]
-        if self.cache is None:
+        cache = self.cache
+        if cache is None:
             logits = self.model.forward(seq[:, -T:])[:, -1]  # crop to the context; (B, V)
             self.model.clear_backward_caches()  # generation never runs backward
-        else:
-            cache = self.cache
+        elif not self.rolling:
             if n > T or cache.pos >= n:
                 # the window slid (or the caller rewound): no cached key is valid
                 cache.reset()
             logits = self.model.forward_cached(seq[:, max(n - T, 0) + cache.pos:], cache)  # (B, V)
+        else:
+            if self.fed >= n:  # the caller rewound
+                cache.reset()
+                self.fed = 0
+            if self.fed == 0:
+                self.fed = max(n - T, 0)  # a long prompt: prefill its last T tokens
+            new = seq[:, self.fed:]  # (B, t)
+            if cache.pos + new.shape[1] <= T:
+                logits = self.model.forward_cached(new, cache)  # fits: one call
+            else:
+                for j in range(new.shape[1]):  # past the context: one token at a time
+                    logits = self.model.forward_cached(new[:, j:j + 1], cache)
+        self.fed = n
         return to_numpy(logits).astype(np.float64)
 
     def reorder(self, rows) -> None:
         """Beam search: row i continues from row rows[i]."""
         if self.cache is not None:
             self.cache.reorder(rows)
+
+
+def rolling_is_exact(config) -> bool:
+    """Whether a rolling KV cache gives the logits of the cropped forward (up to
+    rounding) for this GPTConfig: positions seen only through offsets (pos="rope" or
+    "none"), and no cached key depending on a token outside the window: a single layer,
+    or a sliding window W whose receptive field n_layers * (W - 1) stays below T."""
+    if config.pos not in ("rope", "none"):
+        return False
+    W = config.sliding_window
+    T, L = config.context_length, config.n_layers
+    return L == 1 or (W is not None and L * (W - 1) < T)
 
 
 @contextlib.contextmanager
@@ -315,6 +346,13 @@ def _prompt(model, idx, max_new_tokens, eos_id, who: str) -> np.ndarray:
     return ids.astype(np.int64)
 
 
+def _check_rolling(model, rolling) -> None:
+    """rolling=True needs positions seen only through offsets: say so at the call."""
+    if rolling and model.config.pos not in ("rope", "none"):
+        raise ValueError(f"rolling=True needs a model with pos='rope' or pos='none', not "
+                         f"pos={model.config.pos!r}")
+
+
 def check_token_id(token, vocab_size: int, name: str) -> None:
     """One token id given as a setting (eos_id, the CLI's --eos-id): an int in
     [0, vocab_size), or an error that says which setting. (Arrays of ids: check_ids.)"""
@@ -336,7 +374,7 @@ def _seeded_or_fresh_rng(seed) -> np.random.Generator:
 
 def stream(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None,
            min_p=None, repetition_penalty=1.0, eos_id=None, seed=None,
-           use_cache=True) -> Iterator[np.ndarray]:
+           use_cache=True, rolling=None) -> Iterator[np.ndarray]:
     """Generate token by token: yields each step's new tokens, (B,) int64 NumPy.
 
     Arguments as `generate` (which collects this). The arguments are checked
@@ -345,15 +383,17 @@ def stream(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, top_
     """
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _prompt(model, idx, max_new_tokens, eos_id, "stream")
+    _check_rolling(model, rolling)
     return _stream(model, prompt, max_new_tokens, settings, eos_id, _seeded_or_fresh_rng(seed),
-                   use_cache)
+                   use_cache, rolling)
 
 
-def _stream(model, seq, max_new_tokens, settings: SamplingSettings, eos_id, rng, use_cache):
+def _stream(model, seq, max_new_tokens, settings: SamplingSettings, eos_id, rng, use_cache,
+            rolling=None):
     B = seq.shape[0]
     finished = np.zeros(B, dtype=bool)  # (B,) rows that have produced eos_id
     with _eval_mode(model):
-        decoder = Decoder(model, B, use_cache)
+        decoder = Decoder(model, B, use_cache, rolling)
         for _ in range(max_new_tokens):
             logits = decoder.next_logits(seq)  # (B, V)
             # the penalty looks at the whole sequence, also tokens cropped from the window
@@ -368,7 +408,8 @@ def _stream(model, seq, max_new_tokens, settings: SamplingSettings, eos_id, rng,
 
 
 def generate(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, top_p=None,
-             min_p=None, repetition_penalty=1.0, eos_id=None, seed=None, use_cache=True):
+             min_p=None, repetition_penalty=1.0, eos_id=None, seed=None, use_cache=True,
+             rolling=None):
     """Sample a continuation of each row of idx (B, T) -> ids (B, T + new).
 
     Each step runs the pipeline of `filter_logits` on the last position's logits
@@ -379,7 +420,11 @@ def generate(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, to
     Prompts longer than the model's context keep their last context_length
     tokens in view (the output still starts with the whole prompt). With
     `use_cache=True` a KV cache makes each token cost O(T) while the sequence
-    fits in the context, with the same logits as recomputing from scratch.
+    fits in the context, with the same logits as recomputing from scratch. Past
+    the context it is rebuilt from the window every step (exact), or, with
+    pos="rope"/"none", rolls on at O(T) a token: `rolling=None` (the default) rolls
+    where that is exact, `rolling=True` everywhere (then approximate past the context
+    in deeper layers), `rolling=False` never (see `Decoder`).
 
     `eos_id`: a row that samples it is finished; its later positions are filled
     with eos_id, so the array stays rectangular. Generation stops early when
@@ -388,8 +433,9 @@ def generate(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, to
     """
     settings = SamplingSettings(temperature, top_k, top_p, min_p, repetition_penalty)
     prompt = _prompt(model, idx, max_new_tokens, eos_id, "generate")
+    _check_rolling(model, rolling)
     steps = list(_stream(model, prompt, max_new_tokens, settings, eos_id,
-                         _seeded_or_fresh_rng(seed), use_cache))
+                         _seeded_or_fresh_rng(seed), use_cache, rolling))
     out = np.concatenate([prompt] + [s[:, None] for s in steps], axis=1)  # (B, T + new)
     return to_device(out, xp_of(idx))
 
@@ -400,7 +446,7 @@ def generate(model, idx, max_new_tokens: int, *, temperature=1.0, top_k=None, to
 
 
 def beam_search(model, idx, max_new_tokens: int, beam_width: int = 4, length_penalty: float = 1.0,
-                eos_id=None, *, use_cache=True, return_scores=False):
+                eos_id=None, *, use_cache=True, rolling=None, return_scores=False):
     """Keep the `beam_width` best partial continuations at every step; return the
     best finished one for each row of idx (B, T) -> ids (B, T + n).
 
@@ -424,8 +470,10 @@ def beam_search(model, idx, max_new_tokens: int, beam_width: int = 4, length_pen
     A wider beam usually, not always, finds a better-scoring result: beam search
     is not monotone in the width. Deterministic; runs in eval mode.
     With return_scores=True, also returns the best scores (B,) float64.
+    `use_cache` and `rolling` are generate's.
     """
     prompt = _prompt(model, idx, max_new_tokens, eos_id, "beam_search")
+    _check_rolling(model, rolling)
     if not _is_int(beam_width) or beam_width < 1:
         raise ValueError(f"beam_width must be an int >= 1, got {beam_width!r}")
     if not _is_real(length_penalty) or not math.isfinite(length_penalty):
@@ -434,7 +482,7 @@ def beam_search(model, idx, max_new_tokens: int, beam_width: int = 4, length_pen
     W = beam_width
     with _eval_mode(model):
         best = _beam_search(model, prompt, max_new_tokens, W, float(length_penalty), eos_id,
-                            use_cache)
+                            use_cache, rolling)
     n_max = max(len(tokens) for _, tokens in best)
     out = np.full((B, T + n_max), 0 if eos_id is None else eos_id, dtype=np.int64)
     out[:, :T] = prompt
@@ -445,7 +493,8 @@ def beam_search(model, idx, max_new_tokens: int, beam_width: int = 4, length_pen
     return (out, scores) if return_scores else out
 
 
-def _beam_search(model, prompt, max_new_tokens, W, length_penalty, eos_id, use_cache):
+def _beam_search(model, prompt, max_new_tokens, W, length_penalty, eos_id, use_cache,
+                 rolling=None):
     """The search itself -> per prompt row, (score, generated tokens) of the best hypothesis."""
     B, T = prompt.shape
     seqs = np.repeat(prompt, W, axis=0)  # (B*W, T): row b*W + j is beam j of prompt b
@@ -454,7 +503,7 @@ def _beam_search(model, prompt, max_new_tokens, W, length_penalty, eos_id, use_c
     scores[:, 0] = 0.0
     finished = [[] for _ in range(B)]  # per row: (score, tokens) of finished hypotheses
     done = np.zeros(B, dtype=bool)
-    decoder = Decoder(model, B * W, use_cache)
+    decoder = Decoder(model, B * W, use_cache, rolling)
 
     def score(sum_logp, n):
         return sum_logp / n**length_penalty

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from tinylm.backend import rand, xp_of
+from tinylm.nn.functional import row_chunks, run_chunks, use_fast
 from tinylm.nn.module import Module
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -22,6 +23,8 @@ class GELU(Module):
     """
 
     def forward(self, x):
+        if use_fast(x):
+            return self._forward_fast(x)
         xp = xp_of(x)
         # u = sqrt(2/pi) * (x + a x^3), built in one buffer to avoid temporaries
         u = x * x  # x^2        (avoid x**3: a slow pow on NumPy)
@@ -37,6 +40,8 @@ class GELU(Module):
 
     def backward(self, dout):
         x, t = self._take_cache()
+        if use_fast(x, t, dout):
+            return _gelu_backward_fast(x, t, dout)
         # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,   du/dx = sqrt(2/pi) (1 + 3a x^2)
         dudx = x * x
         dudx *= 3.0 * _GELU_A * _SQRT_2_OVER_PI
@@ -50,6 +55,57 @@ class GELU(Module):
         dydx *= 0.5
         dydx *= dout
         return dydx
+
+    def _forward_fast(self, x):
+        """`forward` in row chunks on the thread pool (functional.py, "Fast paths"): the
+        same formula with the constants folded, u = (c + c a x^2) x, so 4 passes build u
+        instead of 5 and no temporary is made; each chunk stays in cache for all 7."""
+        x2 = _rows(x)  # (N, C) view
+        t, y = np.empty_like(x2), np.empty_like(x2)  # (N, C) tanh(u) and the output
+
+        def rows(lo, hi):
+            xs, ts, ys = x2[lo:hi], t[lo:hi], y[lo:hi]
+            np.multiply(xs, xs, out=ts)  # x^2
+            ts *= _SQRT_2_OVER_PI * _GELU_A  # c a x^2
+            ts += _SQRT_2_OVER_PI  # c + c a x^2
+            ts *= xs  # u = c (x + a x^3)
+            np.tanh(ts, out=ts)  # t
+            np.add(ts, 1.0, out=ys)
+            ys *= xs
+            ys *= 0.5  # 0.5 x (1 + t)
+
+        run_chunks(rows, row_chunks(*x2.shape))
+        self._cache = (x, t.reshape(x.shape))
+        return y.reshape(x.shape)
+
+
+def _rows(a):
+    """a (..., C) as a 2-D (N, C) view (a copy only if `a` is not contiguous)."""
+    return np.ascontiguousarray(a).reshape(-1, a.shape[-1]) if a.ndim else a.reshape(1, 1)
+
+
+def _gelu_backward_fast(x, t, dout):
+    """GELU.backward in row chunks on the thread pool, with one chunk-sized scratch
+    buffer per chunk instead of three full-size temporaries."""
+    x2, t2, d2 = _rows(x), _rows(t), _rows(dout)  # (N, C) views
+    dx = np.empty_like(d2)  # (N, C)
+
+    def rows(lo, hi):
+        xs, ts, ds, out = x2[lo:hi], t2[lo:hi], d2[lo:hi], dx[lo:hi]
+        dudx = np.multiply(xs, xs)  # chunk-sized scratch: x^2
+        dudx *= 3.0 * _GELU_A * _SQRT_2_OVER_PI
+        dudx += _SQRT_2_OVER_PI  # du/dx
+        np.multiply(ts, ts, out=out)
+        np.subtract(1.0, out, out=out)  # 1 - t^2
+        out *= xs
+        out *= dudx  # x (1 - t^2) du/dx
+        out += ts
+        out += 1.0  # + (1 + t)
+        out *= 0.5
+        out *= ds
+
+    run_chunks(rows, row_chunks(*x2.shape))
+    return dx.reshape(dout.shape)
 
 
 class ReLU(Module):

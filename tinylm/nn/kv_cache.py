@@ -21,6 +21,16 @@ changes. Buffers are allocated once, in the model's dtype on its device, and
 never grow: positions beyond the context do not exist for a model with learned
 position embeddings (what happens when the window slides: see `tinylm/sampling.py`).
 
+A *rolling* cache (`rolling=True`, for pos="rope" or "none" only) goes on past the
+context instead: it holds the last T-1 positions (T the context), so that with the
+new token attention sees T of them, as a forward over the last T tokens does, and
+`GPT.forward_cached` renumbers the held positions as the window slides. That is
+exact (equal to the cropped forward up to rounding) only where no cached key
+depends on a token that has left the window: layer 0's keys always, so a 1-layer
+model; or a sliding window W with n_layers * (W - 1) < T. A deeper layer's key
+was computed while older tokens were still in view, so elsewhere a rolling cache
+is an approximation (a longer effective context than T), traded for speed.
+
 Memory: 2 (k and v) x n_layers x B x Hkv x S x hs x bytes per number.
 """
 
@@ -35,22 +45,36 @@ class KVCache:
     """Per-layer key and value buffers of shape (B, Hkv, S, hs)."""
 
     def __init__(self, n_layers: int, batch_size: int, n_kv_heads: int, context_length: int,
-                 head_size: int, *, window: int | None = None, xp, dtype):
+                 head_size: int, *, window: int | None = None, rolling: bool = False, xp,
+                 dtype):
         self.context_length = context_length
-        self.slots = context_length if window is None else min(window, context_length)  # S
+        self.rolling = rolling
+        # a rolling cache keeps T-1 positions: with the new one, the T of the window
+        limit = context_length - 1 if rolling else context_length
+        self.slots = limit if window is None else min(window, limit)  # S
         shape = (batch_size, n_kv_heads, self.slots, head_size)  # (B, Hkv, S, hs)
         # zeros, not empty: the unfilled tail is never read, but a cache that is
         # printed or inspected in a notebook should not show garbage
         self.k = [xp.zeros(shape, dtype=dtype) for _ in range(n_layers)]  # (B, Hkv, S, hs) each
         self.v = [xp.zeros(shape, dtype=dtype) for _ in range(n_layers)]  # (B, Hkv, S, hs) each
-        self.pos = 0  # number of positions seen
+        self.pos = 0  # number of positions seen (a rolling cache renumbers them)
+        # (model, its layers): GPT.forward_cached clears every layer's backward cache
+        # after each call; listing the layer tree costs more than a small model's
+        # decoding step, so it is listed once per KVCache (one cache, one model)
+        self.layers = None
 
     @classmethod
-    def for_model(cls, model, batch_size: int) -> KVCache:
-        """An empty cache sized for `model` (a GPT) and `batch_size` sequences."""
+    def for_model(cls, model, batch_size: int, *, rolling: bool = False) -> KVCache:
+        """An empty cache sized for `model` (a GPT) and `batch_size` sequences.
+        `rolling=True`: a rolling cache (see the module docstring), which needs
+        positions that only act through offsets (pos="rope" or "none")."""
         cfg = model.config
+        if rolling and cfg.pos not in ("rope", "none"):
+            raise ValueError(f"a rolling KV cache needs pos='rope' or pos='none' (positions "
+                             f"seen only through offsets), not pos={cfg.pos!r}: absolute "
+                             "positions past the context do not exist")
         return cls(cfg.n_layers, batch_size, cfg.kv_heads, cfg.context_length, cfg.head_size,
-                   window=cfg.sliding_window, xp=model.xp, dtype=model.dtype)
+                   window=cfg.sliding_window, rolling=rolling, xp=model.xp, dtype=model.dtype)
 
     @property
     def held(self) -> int:
@@ -73,8 +97,9 @@ class KVCache:
         xp = xp_of(K)
         keys = xp.concatenate([K[:, :, :held], k], axis=2)  # (B, Hkv, held + t, hs)
         values = xp.concatenate([V[:, :, :held], v], axis=2)  # (B, Hkv, held + t, hs)
-        K[...] = keys[:, :, -S:]  # held + t > S here, so this fills every slot
-        V[...] = values[:, :, -S:]
+        if S:  # (a rolling cache of a 1-token context keeps nothing)
+            K[...] = keys[:, :, -S:]  # held + t > S here, so this fills every slot
+            V[...] = values[:, :, -S:]
         return keys, values, pos - held
 
     @property
@@ -83,7 +108,7 @@ class KVCache:
 
     @property
     def free(self) -> int:
-        """How many more positions fit."""
+        """How many more positions fit (a rolling cache never runs out: it slides)."""
         return self.context_length - self.pos
 
     def reset(self) -> None:

@@ -105,6 +105,9 @@ class TrainConfig(_ModelFields):
     eps: float = _opt(1e-8, "AdamW epsilon")
     weight_decay: float = _opt(0.1, "AdamW decoupled weight decay (matrices and embeddings only)")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this; 0 disables clipping")
+    recompute: bool = _opt(False, "recompute each block's activations in backward (gradient "
+                                  "checkpointing): far less memory, ~1/3 more compute, the "
+                                  "same gradients")
     zero: bool = _opt(False, "ZeRO-1 for data-parallel runs (mpirun -n N): each process keeps "
                              "1/N of AdamW's moments (docs/distributed.md)")
     # -- evaluation, logging, run --

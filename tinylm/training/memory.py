@@ -11,7 +11,9 @@ in the parameter dtype (B batch, T context, C d_model, L layers, H heads, V voca
     parameters, their gradients, AdamW's m and v          4 P
     per layer, kept for backward: about 6 (B, T, C)        B T L (6 C + 2 hidden)
       activations, 2 of the MLP's width, and the
-      attention weights (B, H, T, T)                       + B H L T min(T, window)
+      attention weights (B, H, T, T), not with flash       + B H L T min(T, window)
+      (with recompute=true: L block inputs B T C, and
+      one layer's activations at a time)
     logits and their softmax (B, T, V)                     + 2 B T V
 
 Measured steps need 1.2 to 2.5 times this (temporaries, dropout masks, experts),
@@ -54,7 +56,13 @@ def step_memory_bytes(config, vocab_size: int) -> int:
     H, V = config.n_heads, vocab_size
     window = min(T, config.sliding_window or T)
     routed = config.experts_per_token if config.n_experts > 0 else 1
-    activations = B * T * L * (6 * C + 2 * routed * mlp_width(config)) + B * H * L * T * window
+    layer = B * T * (6 * C + 2 * routed * mlp_width(config))  # one layer's activations
+    if config.attention != "flash":  # flash keeps O(T) per head, not the weights
+        layer += B * H * T * window
+    if getattr(config, "recompute", False):  # the block inputs, and one block at a time
+        activations = L * B * T * C + layer
+    else:
+        activations = L * layer
     floats = 4 * parameter_count(config, V) + activations + 2 * B * T * V
     batch = 2 * B * (T + 1) * 8  # the int64 windows x and y
     return floats * np.dtype(config.dtype).itemsize + batch

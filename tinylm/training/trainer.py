@@ -146,6 +146,7 @@ class Trainer:
         self.tokenizer = self.data.tokenizer
         self.model = self._build_model(ckpt)
         self.model.train()
+        self.model.recompute = cfg.recompute  # activation recomputation (GPT._block_forward)
         self.loss_fn = SoftmaxCrossEntropy()
         # fp16/bf16: float32 master weights and AdamW, 16-bit compute (precision.py);
         # fp16 also scales the loss so that small gradients do not underflow
