@@ -157,6 +157,50 @@ def test_softmax_in_place_with_masked_entries():
     assert (p1[..., 0, 1:] == 0).all()
 
 
+def test_softmax_backward_matches_the_formula():
+    p = F.softmax(rand(2, 3, 10, 10, scale=4.0))
+    dp = rand(2, 3, 10, 10, seed=1)
+    want = 0.25 * p * (dp - (dp * p).sum(axis=-1, keepdims=True))  # dloss/ds
+    got = F.softmax_backward_fast(p, dp.copy(), 0.25)
+    close(got, want)
+    assert np.abs(got.sum(axis=-1)).max() < 1e-12  # each row of a softmax gradient sums to 0
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_matmul_splits_a_stack_between_threads(monkeypatch, transpose):
+    a, b = rand(2, 3, 8, 5), rand(2, 3, 5, 8, seed=1)
+    if transpose:  # a transposed view on the left, as attention's backward passes them
+        a = rand(2, 3, 5, 8).swapaxes(-1, -2)
+    calls = []
+    real = np.matmul
+    monkeypatch.setattr(np, "matmul", lambda x, y, **kw: calls.append(len(x)) or real(x, y, **kw))
+    got = F.matmul(a, b)
+    assert calls == [3, 3]  # the stack of 6 products, in two halves
+    monkeypatch.setattr(np, "matmul", real)
+    close(got, a @ b, tol=1e-15)
+    F.set_num_threads(1)
+    assert calls == [3, 3] and np.array_equal(F.matmul(a, b), a @ b)  # one thread: plain
+
+
+def test_attention_backward_fast_equals_plain():
+    from tinylm.nn import CausalSelfAttention
+
+    x, dout = rand(2, 12, 16), rand(2, 12, 16, seed=1)
+
+    def run():
+        attn = CausalSelfAttention(16, 4, n_kv_heads=2, rng=np.random.default_rng(0))
+        attn.to(dtype="float64")
+        y = attn.forward(x)
+        dx = attn.backward(dout)
+        return y, dx, {n: g.copy() for n, _, g in attn.parameters()}
+
+    (y0, dx0, g0), (y1, dx1, g1) = both(run)
+    close(y0, y1)
+    close(dx0, dx1)
+    for k in g0:
+        close(g0[k], g1[k])
+
+
 def test_linear():
     x, dout = rand(3, 11, 20), rand(3, 11, 30, seed=1)
     layer = Linear(20, 30).to(dtype="float64")

@@ -49,7 +49,7 @@ import numpy as np
 from tinylm.backend import to_device, xp_of
 from tinylm.nn.activation import Dropout
 from tinylm.nn.flash import DEFAULT_BLOCK, flash_backward, flash_forward
-from tinylm.nn.functional import softmax
+from tinylm.nn.functional import matmul, softmax, softmax_backward_fast, use_fast
 from tinylm.nn.linear import Linear
 from tinylm.nn.module import Module, init_rng
 from tinylm.nn.positions import RotaryEmbedding
@@ -76,7 +76,7 @@ def attend(q, kT, v, mask, dropout=None):
     att_d, the weights after `dropout` (att itself without one).
     """
     B, Hkv, GTq, hs = q.shape
-    att = q @ kT  # (B, Hkv, G*Tq, Tk) scores
+    att = matmul(q, kT)  # (B, Hkv, G*Tq, Tk) scores (matmul: a @ b, see functional.py)
     att *= 1.0 / math.sqrt(hs)  # keeps the scores' variance ~1 (Vaswani et al. 3.2.1)
     if mask is not None:
         Tq, Tk = mask.shape
@@ -85,7 +85,7 @@ def attend(q, kT, v, mask, dropout=None):
     # over the keys; each row has a finite entry (a query always sees itself)
     softmax(att, out=att)  # (B, Hkv, G*Tq, Tk) weights, rows sum to 1
     att_d = att if dropout is None else dropout.forward(att)
-    return att_d @ v, att, att_d  # y (B, Hkv, G*Tq, hs)
+    return matmul(att_d, v), att, att_d  # y (B, Hkv, G*Tq, hs)
 
 
 class CausalSelfAttention(Module):
@@ -244,20 +244,23 @@ class CausalSelfAttention(Module):
 
         # y = att_d @ v  =>  datt_d = dy v^T,  dv = att_d^T dy
         # (dv sums over the G*T rows: every query head of the group used this v)
-        datt_d = dy @ _transposed(v)  # (B, Hkv, G*T, T)
-        dv = _transposed(att_d) @ dy  # (B, Hkv, T, hs)
+        datt_d = matmul(dy, _transposed(v))  # (B, Hkv, G*T, T)
+        dv = matmul(att_d.swapaxes(-1, -2), dy)  # (B, Hkv, T, hs)
         datt = self.attn_drop.backward(datt_d)  # (B, Hkv, G*T, T), gradient of att
 
-        # softmax backward: dscore = att * (datt - sum_j datt_j att_j)
+        # softmax backward: dscore = att * (datt - sum_j datt_j att_j), then the scale
         # (masked entries have att = 0, so they get no gradient: nothing from the future)
-        dscore = datt
-        dscore -= (datt * att).sum(axis=-1, keepdims=True)
-        dscore *= att
-        dscore *= 1.0 / math.sqrt(hs)
+        if use_fast(att, datt) and att.flags.c_contiguous and datt.flags.c_contiguous:
+            dscore = softmax_backward_fast(att, datt, 1.0 / math.sqrt(hs))  # the same, chunked
+        else:
+            dscore = datt
+            dscore -= (datt * att).sum(axis=-1, keepdims=True)
+            dscore *= att
+            dscore *= 1.0 / math.sqrt(hs)
 
         # scores = q @ k^T  =>  dq = dscore k,  dk^T = q^T dscore (summed over the group)
-        dq = (dscore @ _transposed(kT)).reshape(B, H, T, hs)  # (B, H, T, hs)
-        dk = _transposed(dscore) @ q  # (B, Hkv, T, hs)
+        dq = matmul(dscore, _transposed(kT)).reshape(B, H, T, hs)  # (B, H, T, hs)
+        dk = matmul(dscore.swapaxes(-1, -2), q)  # (B, Hkv, T, hs)
         if self.rope is not None:  # q, k were rotated: rotate their gradients back
             dq, dk = self.rope.rotate(dq, inverse=True), self.rope.rotate(dk, inverse=True)
 
@@ -341,7 +344,9 @@ def _heads_last(a):
 def _transposed(a):
     """a with its last two axes swapped, as a contiguous copy (..., n, m) -> (..., m, n).
 
-    Same values as `a.swapaxes(-1, -2)`; the copy is for speed only: batched
-    matmuls on transposed views run several times slower with multi-threaded
-    OpenBLAS on small machines, and the copy is cheap next to the matmul it feeds."""
+    Same values as `a.swapaxes(-1, -2)`; the copy is for speed only. A stacked matmul
+    whose *right* operand is a transposed (T, hs) view ran 1.5x slower than with a
+    contiguous copy (docs/backends.md), and such a copy is cheap next to the matmul.
+    A transposed (T, T) *left* operand (att_d^T, dscore^T) is as fast as a view, and
+    copying it would cost more than the product, so the backward passes those as views."""
     return xp_of(a).ascontiguousarray(a.swapaxes(-1, -2))
