@@ -271,6 +271,17 @@ def test_clipping_and_the_warmup_cosine_schedule(tiny):
     assert total == pytest.approx(0.01, rel=1e-4)  # clipped before the AdamW step
 
 
+def test_recompute_trains_to_the_same_weights(tiny):
+    """--set recompute=true (activation recomputation) changes memory, not the run:
+    with dropout on, the weights after a few steps are bit for bit the same."""
+    a = Trainer(tiny(dropout=0.1, max_iters=5, out_dir=tiny().out_dir + "-a"))
+    b = Trainer(tiny(dropout=0.1, max_iters=5, recompute=True, out_dir=tiny().out_dir + "-b"))
+    assert b.model.recompute and not a.model.recompute
+    a.train()
+    b.train()
+    assert_bitwise_equal(a, b)
+
+
 def test_evaluation_does_not_shift_training(tiny):
     """Evaluation has its own generator and turns dropout off: how often it runs
     must not change the training batches, dropout masks or weights."""

@@ -24,7 +24,8 @@ from tinylm import checkpoint, lora
 from tinylm.training.memory import check_step_memory
 from tinylm.training.resume import restore_state
 from tinylm.training.rundir import naming
-from tinylm.training.trainer import Trainer, _step_in
+from tinylm.training.saving import step_in
+from tinylm.training.trainer import Trainer
 
 from . import store
 from .chat import add_chat_tokens
@@ -168,7 +169,7 @@ class FinetuneTrainer(Trainer):
             if tmp.is_dir() and not tmp.is_symlink():
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        store.prune(self.out_dir, {s for s in (_step_in(self.last_dir), _step_in(self.best_dir),
+        store.prune(self.out_dir, {s for s in (step_in(self.last_dir), step_in(self.best_dir),
                                                state["step"]) if s is not None})
         return path
 

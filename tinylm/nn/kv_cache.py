@@ -19,7 +19,7 @@ chunk's keys and values and returns every key the chunk's queries may need;
 after RoPE: a key's rotation depends only on its own position, which never
 changes. Buffers are allocated once, in the model's dtype on its device, and
 never grow: positions beyond the context do not exist for a model with learned
-position embeddings (what happens when the window slides: see `tinylm/sampling.py`).
+position embeddings (what happens when the window slides: see `Decoder` in tinylm/decoding.py).
 
 A *rolling* cache (`rolling=True`, for pos="rope" or "none" only) goes on past the
 context instead: it holds the last T-1 positions (T the context), so that with the

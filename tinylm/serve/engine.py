@@ -1,6 +1,6 @@
 """The model side of `tinylm serve`: one generation at a time, explained step by step.
 
-A generation here is the loop of `tinylm.sampling.stream`, written out so that
+A generation here is the loop of `tinylm.decoding.stream`, written out so that
 each step can report more than its token:
 
     logits = decoder.next_logits(seq)              the model (KV cache, as `generate`)

@@ -22,42 +22,49 @@ Data-parallel (`comm`, tinylm.distributed; `mpirun -n N tinylm train`): every ra
 draws the same global batch and trains on its rows; the gradients are all-reduced
 once per step, so the update is one process's. Rank 0 alone reports and writes the
 run directory; the other ranks read it (the token cache, a checkpoint to resume).
+
+Around the loop, in their own files: opening.py (the checks before a run writes
+anything, the lock, and building what the Trainer holds) and saving.py (writing a
+checkpoint; an interrupt's save; the errors for a full disk and for divergence).
 """
 
 from __future__ import annotations
 
 import math
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
-from tinylm import checkpoint
 from tinylm.backend import resolve_device, to_device
 from tinylm.data import Batches, get_batch, prepare
 from tinylm.distributed import (
     SingleProcess,
     agreed_stop,
     broadcast_parameters,
-    make_optimizer,
     run_on_root,
     shard_batch,
 )
 from tinylm.model import GPT
-from tinylm.nn import SoftmaxCrossEntropy
 from tinylm.optim import AdamW, clip_grad_norm, cosine_schedule
-from tinylm.precision import LossScaler, MixedPrecision
 from tinylm.training.config import TrainConfig
-from tinylm.training.lock import NoLock, RunLock
+from tinylm.training.lock import NoLock
 from tinylm.training.memory import check_step_memory
-from tinylm.training.resume import capture_state, dropout_layers, open_checkpoint, restore_state
-from tinylm.training.rundir import ReaderRunDir, RunDir, naming
+from tinylm.training.opening import claim, open_run
+from tinylm.training.resume import capture_state, restore_state
+from tinylm.training.rundir import ReaderRunDir, RunDir
+from tinylm.training.saving import (
+    TrainingDiverged,
+    diverged,
+    save_on_interrupt,
+    write_checkpoint,
+    write_failed,
+)
 from tinylm.training.signals import DeferredInterrupt, StopRequested
 
-
-class TrainingDiverged(RuntimeError):
-    """The loss or the gradient norm stopped being finite; nothing was saved after it."""
+# TrainingDiverged lives in saving.py, with the other errors that stop a run; it is
+# imported from here as well (tinylm.train re-exports it from this module).
+__all__ = ["Trainer", "TrainingDiverged"]
 
 
 class Trainer:
@@ -103,88 +110,13 @@ class Trainer:
         self.device = resolve_device(cfg.device)
         # Rank 0 checks, locks and prepares the run directory (it writes the token cache)
         # before the others read it; they get its tokenizer rather than train another.
-        tokenizer = run_on_root(self.comm, lambda: self._claim(resume, overwrite))
+        # The rest (opening.py) sets what the loop uses: data, tokenizer, model, loss_fn,
+        # precision, scaler, optimizer, batches, eval_rng, and the counters (step, ...).
+        tokenizer = run_on_root(self.comm, lambda: claim(self, resume, overwrite))
         if not self.is_root:
             self._lock = NoLock()
-            self._open(resume, overwrite, tokenizer)
+            open_run(self, resume, overwrite, tokenizer)
         broadcast_parameters(self.model.parameters(), self.comm)  # equal on every rank
-
-    def _claim(self, resume, overwrite: bool):
-        """Check, lock and open the run directory (rank 0's part); returns the tokenizer."""
-        cfg, run = self.config, self.run_dir
-        if cfg.batch_size < self.comm.size:
-            raise ValueError(f"batch_size {cfg.batch_size} is smaller than the {self.comm.size} "
-                             "processes: each needs at least one row of the global batch")
-        # Refusals that need nothing written or allocated come first: a step that cannot
-        # fit (the vocabulary may still grow: checked again below), a directory this run
-        # cannot or must not write.
-        check_step_memory(cfg, _known_vocab_size(cfg, resume), self.device)
-        run.check_layout()
-        if resume is None or _run_dir_of(resume) != run.path.resolve():
-            run.check_not_foreign()
-        # The lock is held from here (the token cache is written under it) to the end of
-        # train(); a run that fails to start lets it go at once.
-        self._lock = RunLock(run.path).acquire()
-        try:
-            self._open(resume, overwrite)
-        except BaseException:
-            self._lock.release()
-            raise
-        return self.tokenizer
-
-    def _open(self, resume, overwrite: bool, tokenizer=None) -> None:
-        """The rest of __init__, under the run directory's lock (rank 0), or reading
-        what rank 0 prepared (the other ranks: their ReaderRunDir writes nothing)."""
-        cfg, run = self.config, self.run_dir
-        run.remove_leftovers()  # of a process killed mid-write: none can be writing now
-        if resume is None and not overwrite:
-            run.check_unused()
-        ckpt = None if resume is None else open_checkpoint(resume, cfg, self.device)
-        self.resumed_from = None if ckpt is None else str(ckpt.path)
-
-        self.data = self._prepare_data(ckpt, tokenizer)
-        self.tokenizer = self.data.tokenizer
-        self.model = self._build_model(ckpt)
-        self.model.train()
-        self.model.recompute = cfg.recompute  # activation recomputation (GPT._block_forward)
-        self.loss_fn = SoftmaxCrossEntropy()
-        # fp16/bf16: float32 master weights and AdamW, 16-bit compute (precision.py);
-        # fp16 also scales the loss so that small gradients do not underflow
-        self.precision = MixedPrecision(cfg.precision)
-        self.scaler = LossScaler() if self.precision.needs_loss_scaling and cfg.loss_scaling \
-            else None
-        adamw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                     weight_decay=cfg.weight_decay)
-        if self.comm.size > 1 or cfg.zero:  # all-reduces the gradients; zero: shards AdamW
-            self.optimizer = make_optimizer(self.model.parameters(), self.comm, zero=cfg.zero,
-                                            **adamw)
-        else:
-            self.optimizer = AdamW(self.model.parameters(), **adamw)
-        # Separate generators: evaluation never shifts the training batches.
-        self.batches = self._make_batches()
-        self.eval_rng = np.random.default_rng([cfg.seed, 2])
-        self.step = 0  # optimizer steps taken
-        self.tokens_seen = 0
-        self.best_val_loss: float | None = None
-        self.last_eval: dict | None = None  # {"step", "train_loss", "val_loss", "val_ppl"}
-        self.elapsed_s = 0.0  # wall time spent in train() (evaluations included), all sessions
-        self._clock = None  # (perf_counter at the start of this train() call, elapsed_s then)
-        self.last_saved_step: int | None = None  # the step out_dir/last holds
-        if ckpt is not None:
-            self._restore(ckpt)
-            if self.step > cfg.max_iters:
-                raise ValueError(f"{ckpt.path} is at step {self.step}, past max_iters "
-                                 f"({cfg.max_iters}): give a larger --max-iters to continue")
-            self.last_saved_step = _step_in(self.last_dir)
-            run.start_log(self.step, evaluated=(self.last_eval or {}).get("step") == self.step)
-        else:
-            run.start_log()
-        if self.comm.rank > 0:  # other rows deserve other dropout masks than rank 0's
-            for i, layer in enumerate(dropout_layers(self.model)):
-                layer.rng = np.random.default_rng([cfg.seed, 3, self.comm.rank, self.step, i])
-        # The state of the last step boundary: what an interrupt saves, whenever it comes.
-        self._snapshot = self.trainer_state()
-        self._updating = False  # True while weights and AdamW state are being changed
 
     # -- the parts a subclass may replace (tinylm/finetune: chats, preference pairs) -----
 
@@ -269,10 +201,10 @@ class Trainer:
             # N ranks save together only at a stop they agreed on; any other interrupt
             # may have caught them in different places (abort_on_failure ends the job)
             if self.comm.size == 1 or getattr(exc, "agreed", False):
-                self._save_on_interrupt(getattr(exc, "signal_name", "SIGINT"))
+                save_on_interrupt(self, getattr(exc, "signal_name", "SIGINT"))
             raise
         except OSError as exc:  # a full disk, a directory made read-only: say what is kept
-            raise self._write_failed(exc) from exc
+            raise write_failed(self, exc) from exc
         finally:
             self.elapsed_s, self._clock = self._elapsed(), None
             self._lock.release()
@@ -300,13 +232,13 @@ class Trainer:
             # average of the ranks' weighted means is then the whole batch's mean.
             loss, w = self.forward_backward(scale / k)  # draw, forward, backward (grads +=)
             if size == 1 and not math.isfinite(loss):
-                raise self._diverged(f"the loss is {loss}", lr)
+                raise diverged(self, f"the loss is {loss}", lr)
             loss_sum += w * loss / size
             aux_sum += w * self.model.aux_loss / size
         if size > 1:  # the global batch's losses, the same numbers on every rank
             loss_sum, aux_sum = self.comm.allreduce_floats([loss_sum, aux_sum])
             if not math.isfinite(loss_sum):
-                raise self._diverged(f"the loss is {loss_sum / k}", lr)
+                raise diverged(self, f"the loss is {loss_sum / k}", lr)
         finite = True
         if self.scaler is not None:  # divide the scale out; an inf or NaN skips the step
             finite = self.scaler.unscale_(self.model.parameters())
@@ -320,7 +252,7 @@ class Trainer:
             else:  # N processes: the gradient all-reduce, once per step, then the global clip
                 norm = self.optimizer.reduce_and_clip(max_norm)
             if not math.isfinite(norm):
-                raise self._diverged(f"the gradient norm is {norm}", lr)
+                raise diverged(self, f"the gradient norm is {norm}", lr)
         self._updating = True  # an interrupt from here to the snapshot cannot be saved
         if finite:
             self.optimizer.step()
@@ -405,8 +337,8 @@ class Trainer:
     def _evaluate_and_save(self) -> None:
         ev = self.evaluate()
         if not math.isfinite(ev["val_loss"]) or not math.isfinite(ev["train_loss"]):
-            raise self._diverged(f"the evaluation loss is {ev['val_loss']}",
-                                 self.lr_at(self.step), step=self.step)
+            raise diverged(self, f"the evaluation loss is {ev['val_loss']}",
+                           self.lr_at(self.step), step=self.step)
         best = self.best_val_loss is None or ev["val_loss"] < self.best_val_loss
         if best:
             self.best_val_loss = ev["val_loss"]
@@ -441,14 +373,8 @@ class Trainer:
         return path
 
     def _write(self, directory: Path, optimizer, state: dict) -> Path:
-        try:
-            with naming(directory):
-                return checkpoint.save(directory, self.model, optimizer, self.tokenizer, state)
-        except BaseException:
-            tmp = directory.with_name(directory.name + ".tmp")
-            if tmp.is_dir() and not tmp.is_symlink():
-                shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        """Rank 0's part of `save` (saving.py); tinylm/finetune replaces it."""
+        return write_checkpoint(directory, self.model, optimizer, self.tokenizer, state)
 
     def _stop_if_requested(self, stop: DeferredInterrupt) -> None:
         """Stop here if a signal asked to; with N ranks, if any rank got one: they agree
@@ -459,46 +385,6 @@ class Trainer:
             exc.agreed = self.comm.size > 1
             raise exc
 
-    def _save_on_interrupt(self, signal_name: str) -> None:
-        """Save the state of the last completed step (unless weights were mid-update)."""
-        if self._updating:
-            self.report("interrupted", {"step": self.last_saved_step, "path": None,
-                                        "signal": signal_name})
-            return
-        try:
-            path = self.save(self.last_dir, self._snapshot)
-            self.run_dir.log({"event": "interrupted", "step": self._snapshot["step"],
-                              "signal": signal_name})
-        except OSError as exc:  # the disk filled up: the previous checkpoint is what is left
-            raise self._write_failed(exc) from exc
-        self.report("interrupted", {"step": self._snapshot["step"], "path": str(path),
-                                    "signal": signal_name})
-
-    def _write_failed(self, exc: OSError) -> OSError:
-        """The error for a write that failed mid-run: what failed, and what is kept."""
-        what = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror or str(exc)
-        message = (f"{what}: training stopped at step {self.step}; {self._kept()}; make room "
-                   f"(or fix the directory), then: tinylm train --resume {self.out_dir}")
-        error = OSError(exc.errno, message)
-        error.agreed = getattr(exc, "agreed", False)  # raised by every rank (run_on_root)
-        return error
-
-    def _kept(self) -> str:
-        """Which checkpoint a stopped run leaves to resume from."""
-        if self.last_saved_step is None:
-            return "no checkpoint was saved"
-        return f"the last good checkpoint, {self.last_dir} (step {self.last_saved_step}), is kept"
-
-    def _diverged(self, what: str, lr: float, step: int | None = None) -> TrainingDiverged:
-        """The error for a non-finite number at `step` (default: the step being taken)."""
-        step = self.step + 1 if step is None else step
-        message = (f"{what} at step {step} (lr {lr:.3g}): training stopped and "
-                   f"{self._kept()}; lower lr, raise warmup_iters or set grad_clip, then resume")
-        self.run_dir.log({"event": "diverged", "step": step, "message": message})
-        error = TrainingDiverged(message)
-        error.agreed = self.comm.size > 1  # every rank saw the same (all-reduced) number
-        return error
-
     def trainer_state(self) -> dict:
         """What trainer.json holds: enough, with the weights and AdamW, to continue exactly."""
         return capture_state(self)
@@ -508,31 +394,3 @@ class Trainer:
             return self.elapsed_s
         started, before = self._clock
         return before + time.perf_counter() - started
-
-
-def _known_vocab_size(config: TrainConfig, resume) -> int:
-    """The vocabulary size as far as it is known before the data is read: the
-    checkpoint's, BPE's target, else 1 (a char vocabulary is known after reading)."""
-    if isinstance(resume, checkpoint.Checkpoint):
-        return resume.config.vocab_size
-    if resume is not None:
-        try:
-            return int(checkpoint.read_meta(resume)["model"]["vocab_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return 1  # load() reports a damaged checkpoint properly, later
-    return config.vocab_size if config.tokenizer == "bpe" else 1
-
-
-def _run_dir_of(resume) -> Path:
-    """The run directory a checkpoint to resume is in (its parent)."""
-    path = resume.path if isinstance(resume, checkpoint.Checkpoint) else Path(resume)
-    return path.resolve().parent
-
-
-def _step_in(directory) -> int | None:
-    """The step a checkpoint directory holds, or None (no checkpoint, or unreadable)."""
-    try:
-        step = (checkpoint.read_trainer_state(directory) or {}).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return step if isinstance(step, int) else None
