@@ -14,6 +14,9 @@
 #   train         40 steps of the shakespeare-char preset into a temporary directory
 #   train-log     median step time and tokens/s, from that run's log.jsonl
 #   generate      python -m tinylm generate from that checkpoint, on the GPU
+#   train-flash   the long-context path: flash attention and activation recomputation
+#                 (--set attention=flash recompute=true), context 1024, 10 steps, and its
+#                 step time from log.jsonl
 #   bench         python -m tinylm bench --device cuda --config small medium, 3 rounds
 #                 (with --compare-torch when PyTorch imports; its side runs on the CPU)
 #   torch-cuda    benchmarks/torch_gpt.py --device cuda, small and medium: the GPU peer
@@ -307,6 +310,21 @@ step train-log 30 "$PY" "$WORK/train_log.py" "$RUN/log.jsonl"
 
 step generate 90 "$PY" -m tinylm generate --checkpoint "$RUN" --device "$DEV" \
     --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 200 --seed 0
+
+FLASH_RUN="$WORK/run-flash"
+if [ "$DRY_RUN" = 1 ]; then
+    step train-flash 90 "$PY" -m tinylm train --preset shakespeare-char-cpu --device cpu \
+        --out "$FLASH_RUN" --overwrite --no-progress --max-iters 4 --set n_layers=1 \
+        --set d_model=32 --set n_heads=2 --set context_length=48 --set batch_size=2 \
+        --set eval_interval=4 --set eval_iters=1 --set log_interval=1 \
+        --set attention=flash recompute=true --samples 0
+else
+    step train-flash 150 "$PY" -m tinylm train --preset shakespeare-char --device cuda \
+        --out "$FLASH_RUN" --overwrite --no-progress --max-iters 10 --set eval_interval=10 \
+        --set eval_iters=2 --set log_interval=1 --set context_length=1024 --set batch_size=16 \
+        --set dropout=0 --set attention=flash recompute=true --samples 0
+fi
+step train-flash-log 30 "$PY" "$WORK/train_log.py" "$FLASH_RUN/log.jsonl"
 
 COMPARE=()
 [ "$HAVE_TORCH" -ge 1 ] && COMPARE=(--compare-torch)

@@ -218,7 +218,7 @@ def run(args) -> int:
                   f"{ratio:>9} {mem_ratio:>9}", flush=True)
         all_results.append({"config": name, "summary": summary, "rounds": rounds})
     if args.json:
-        from tinylm.cli import naming
+        from tinylm.fileio import naming
 
         with naming(args.json):
             write_json(args.json, all_results)

@@ -12,7 +12,6 @@ Ctrl-C does, so no temporary file is left behind (tinylm/training/signals.py).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import os
 import sys
@@ -94,18 +93,6 @@ def check_output_file(path, option: str) -> None:
         raise FileNotFoundError(f"{option} {path}: directory {parent} does not exist")
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{option} {path}: directory {parent} is not writable")
-
-
-@contextlib.contextmanager
-def naming(path):
-    """Let an OSError from inside name `path` when it names no file: a failed write()
-    on an open file says "No space left on device", but not where."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
 
 
 def describe(exc: BaseException) -> str:

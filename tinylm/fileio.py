@@ -246,6 +246,18 @@ def read_npz(path, members: dict[str, NpyMember]) -> dict[str, np.ndarray]:
 
 
 @contextlib.contextmanager
+def naming(path):
+    """Let an OSError from inside name `path` when it names no file: a failed write()
+    on an open file says "File too large" or "No space left on device", but not where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_write(path, mode: str = "wb", encoding: str | None = None):
     """`with atomic_write(path) as f: f.write(...)`: all of the file or none of it.
 

@@ -26,9 +26,8 @@ import sys
 from collections.abc import Iterable, Iterator
 
 
-def configure(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.epilog = __doc__.split("\n", 1)[1]
+def add_model_source(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint DIR or --hf-gpt2 DIR: the model `_load` reads (generate and serve)."""
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--checkpoint", metavar="DIR",
                         help="a tinylm checkpoint directory, or a run directory of `tinylm "
@@ -36,6 +35,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     source.add_argument("--hf-gpt2", metavar="DIR",
                         help="a Hugging Face GPT-2 directory instead: config.json, "
                              "model.safetensors, vocab.json and merges.txt (nothing is downloaded)")
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = __doc__.split("\n", 1)[1]
+    add_model_source(parser)
     parser.add_argument("--prompt", default="\n", metavar="TEXT",
                         help="the text to continue (default: a newline)")
     parser.add_argument("--max-new-tokens", type=int, default=200, metavar="N",

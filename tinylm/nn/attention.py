@@ -234,13 +234,9 @@ class CausalSelfAttention(Module):
         if self.attention == "flash":
             return self._flash_backward(dout)
         q, kT, v, att, att_d = self._take_cache()
-        xp = xp_of(dout)
         B, T, C = dout.shape
         H, Hkv, G, hs = self.n_heads, self.n_kv_heads, self.group_size, self.head_size
-
-        dy = self.proj.backward(self.resid_drop.backward(dout))  # (B, T, C)
-        dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
-        dy = dy.reshape(B, Hkv, G * T, hs)  # grouped, as y was
+        dy = self._output_backward(dout).reshape(B, Hkv, G * T, hs)  # grouped, as y was
 
         # y = att_d @ v  =>  datt_d = dy v^T,  dv = att_d^T dy
         # (dv sums over the G*T rows: every query head of the group used this v)
@@ -261,11 +257,24 @@ class CausalSelfAttention(Module):
         # scores = q @ k^T  =>  dq = dscore k,  dk^T = q^T dscore (summed over the group)
         dq = matmul(dscore, _transposed(kT)).reshape(B, H, T, hs)  # (B, H, T, hs)
         dk = matmul(dscore.swapaxes(-1, -2), q)  # (B, Hkv, T, hs)
+        return self._qkv_backward(dq, dk, dv)  # (B, T, C)
+
+    def _output_backward(self, dout):
+        """dout (B, T, C) -> dy (B, H, T, hs), contiguous: back through the output
+        dropout, `proj` and the merge of the heads (the forward's last three steps)."""
+        B, T, C = dout.shape
+        dy = self.proj.backward(self.resid_drop.backward(dout))  # (B, T, C)
+        dy = dy.reshape(B, T, self.n_heads, self.head_size).transpose(0, 2, 1, 3)
+        return xp_of(dy).ascontiguousarray(dy)  # (B, H, T, hs)
+
+    def _qkv_backward(self, dq, dk, dv):
+        """dq (B, H, T, hs), dk and dv (B, Hkv, T, hs) -> dx (B, T, C): back through RoPE,
+        the head split and `qkv` (the forward's first three steps)."""
         if self.rope is not None:  # q, k were rotated: rotate their gradients back
             dq, dk = self.rope.rotate(dq, inverse=True), self.rope.rotate(dk, inverse=True)
-
-        # back through the head split: (B, heads, T, hs) -> (B, T, heads * hs), then [q | k | v]
-        dqkv = xp.concatenate([_heads_last(dq), _heads_last(dk), _heads_last(dv)], axis=-1)
+        # (B, heads, T, hs) -> (B, T, heads * hs) each, then side by side as [q | k | v]
+        dqkv = xp_of(dq).concatenate([_heads_last(dq), _heads_last(dk), _heads_last(dv)],
+                                     axis=-1)
         return self.qkv.backward(dqkv)  # (B, T, C)
 
     # -- attention="flash": the same steps with flash.py in the middle ---------
@@ -286,19 +295,11 @@ class CausalSelfAttention(Module):
     def _flash_backward(self, dout):
         """dout (B, T, C) -> dx (B, T, C), with Algorithm 2 between the projections."""
         q, k, v, o, lse = self._take_cache()
-        xp = xp_of(dout)
         B, T, C = dout.shape
         H, Hkv, G, hs = self.n_heads, self.n_kv_heads, self.group_size, self.head_size
-        dy = self.proj.backward(self.resid_drop.backward(dout))  # (B, T, C)
-        dy = xp.ascontiguousarray(dy.reshape(B, T, H, hs).transpose(0, 2, 1, 3))  # (B, H, T, hs)
-        dy = dy.reshape(B, Hkv, G, T, hs)  # grouped, as o was
+        dy = self._output_backward(dout).reshape(B, Hkv, G, T, hs)  # grouped, as o was
         dq, dk, dv = flash_backward(q, k, v, o, lse, dy, self.mask, **self._flash_kwargs())
-        dq = dq.reshape(B, H, T, hs)  # (B, H, T, hs), the heads ungrouped
-        # from here on as in `backward`: RoPE undone, the head split undone, `qkv`
-        if self.rope is not None:
-            dq, dk = self.rope.rotate(dq, inverse=True), self.rope.rotate(dk, inverse=True)
-        dqkv = xp.concatenate([_heads_last(dq), _heads_last(dk), _heads_last(dv)], axis=-1)
-        return self.qkv.backward(dqkv)  # (B, T, C)
+        return self._qkv_backward(dq.reshape(B, H, T, hs), dk, dv)  # (B, T, C)
 
     # -- inference with a KV cache (tinylm/nn/kv_cache.py) -------------------
 

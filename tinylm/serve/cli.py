@@ -19,16 +19,13 @@ import signal
 import sys
 import threading
 
+from tinylm.generate_cli import add_model_source
+
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = __doc__.split("\n", 1)[1]
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument("--checkpoint", metavar="DIR",
-                        help="a tinylm checkpoint directory, or a run directory of `tinylm "
-                             "train` (then its best/ checkpoint, else last/)")
-    source.add_argument("--hf-gpt2", metavar="DIR",
-                        help="a Hugging Face GPT-2 directory instead (as `tinylm generate`)")
+    add_model_source(parser)  # --checkpoint or --hf-gpt2, as `tinylm generate`
     parser.add_argument("--host", default="127.0.0.1",
                         help="the address to listen on (default: %(default)s, this machine "
                              "only; anything else is reachable from the network, unprotected)")

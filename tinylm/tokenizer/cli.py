@@ -83,7 +83,8 @@ def run(args) -> int:
 
 
 def run_train(args) -> int:
-    from tinylm.cli import check_output_file, naming
+    from tinylm.cli import check_output_file
+    from tinylm.fileio import naming
 
     check_output_file(args.out, "--out")  # before the training, not after it
     text = _read_text(args.input)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from tinylm import checkpoint
 from tinylm.data import TOKENS_FORMAT
-from tinylm.fileio import atomic_write, read_json, write_text
+from tinylm.fileio import atomic_write, naming, read_json, write_text
 from tinylm.training.lock import LOCK_NAME, is_lock_file
 
 CHECKPOINT_NAMES = ("last", "best")
@@ -162,16 +162,6 @@ class ReaderRunDir(RunDir):
         pass
 
 
-@contextlib.contextmanager
-def naming(path):
-    """Let an OSError from inside name `path` when it names no file: a failed write()
-    on an open file says "File too large" or "No space left on device", but not where."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is None:
-            exc.filename = str(path)
-        raise
 
 
 def read_log(path) -> list[dict]:

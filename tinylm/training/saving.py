@@ -18,7 +18,7 @@ import shutil
 from pathlib import Path
 
 from tinylm import checkpoint
-from tinylm.training.rundir import naming
+from tinylm.fileio import naming
 
 
 class TrainingDiverged(RuntimeError):
