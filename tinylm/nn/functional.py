@@ -139,18 +139,15 @@ def row_chunks(n_rows: int, row_size: int) -> list[tuple[int, int]]:
     return [(lo, min(lo + rows, n_rows)) for lo in range(0, n_rows, rows)]
 
 
-def run_chunks(fn, chunks, parallel: bool = True) -> list:
+def run_chunks(fn, chunks) -> list:
     """fn(*chunk) for every chunk, spread over num_threads() threads; returns the
     results in chunk order. Chunks must touch disjoint parts of any output.
 
     The chunks go to the threads in contiguous groups, one group per thread, and
-    the calling thread works on the first group itself instead of waiting.
-    `parallel=False` runs them all here: for work bound by memory bandwidth (adds,
-    LayerNorm's reductions), which the two cores of the benchmark machine share, a
-    second thread measured slower (its hand-over costs more than it saves), while
-    work bound by arithmetic (tanh, exp, sqrt and divisions) ran 1.2-1.6x faster."""
+    the calling thread works on the first group itself instead of waiting. A hand-over
+    costs 25-45 us (measured), so only arrays of MIN_SPLIT elements or more are split."""
     chunks = list(chunks)
-    threads = min(num_threads(), len(chunks)) if parallel else 1
+    threads = min(num_threads(), len(chunks))
     if threads <= 1:
         return [fn(*c) for c in chunks]
     bounds = [len(chunks) * i // threads for i in range(threads + 1)]

@@ -70,10 +70,9 @@ class LayerNorm(Module):
         return dx
 
     # -- fast paths (functional.py, "Fast paths"): the formulas above, in row chunks
-    # that stay in cache, on one thread (LayerNorm is bound by memory bandwidth, see
-    # `run_chunks`). Row sums are `einsum`s and sums of products `vecdot`s or
-    # `einsum`s: no temporaries, and several times faster than NumPy's .mean over
-    # short rows. (Not `x @ ones`: BLAS calls from two threads at once make
+    # that stay in cache, on the thread pool. Row sums are `einsum`s and sums of
+    # products `vecdot`s or `einsum`s: no temporaries, and several times faster than
+    # NumPy's .mean over short rows. (Not `x @ ones`: BLAS calls from two threads at once make
     # OpenBLAS's own threads fight over the cores.)
 
     def _forward_fast(self, x):
@@ -95,7 +94,7 @@ class LayerNorm(Module):
             if b is not None:
                 ys += b
 
-        run_chunks(rows, row_chunks(*x2.shape), parallel=False)  # see run_chunks
+        run_chunks(rows, row_chunks(*x2.shape))
         self._cache = (xhat.reshape(x.shape), rstd.reshape(*x.shape[:-1], 1))
         return y.reshape(x.shape)
 
@@ -118,7 +117,7 @@ class LayerNorm(Module):
             out *= r2[lo:hi]
             return dw, db
 
-        parts = run_chunks(rows, row_chunks(*d2.shape), parallel=False)
+        parts = run_chunks(rows, row_chunks(*d2.shape))
         # the chunks' shares are added here, in chunk order, not by the threads
         self.grads["weight"] += sum(dw for dw, _ in parts)
         if "bias" in self.params:
