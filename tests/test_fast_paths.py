@@ -201,6 +201,48 @@ def test_attention_backward_fast_equals_plain():
         close(g0[k], g1[k])
 
 
+@pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"sliding_window": 5},
+                                {"n_kv_heads": 1, "sliding_window": 40, "rope_theta": 1e4}])
+def test_causal_row_blocks_equal_the_full_attention(monkeypatch, kw):
+    """One thread: the training forward takes the row blocks (tinylm/nn/causal_blocks.py);
+    outputs, gradients and the plotted weights equal the plain code's."""
+    from tinylm.nn import CausalSelfAttention, causal_blocks
+
+    F.set_num_threads(1)
+    monkeypatch.setattr(causal_blocks, "MIN_BLOCK", 4)
+    T = 18  # 4 blocks of 4 or 5 rows
+    x, dout = rand(2, T, 16), rand(2, T, 16, seed=1)
+    taken = []
+    real = causal_blocks.attend_blocks
+    monkeypatch.setattr("tinylm.nn.attention.attend_blocks",
+                        lambda *a: taken.append(1) or real(*a))
+
+    def run():
+        attn = CausalSelfAttention(16, 4, rng=np.random.default_rng(0), max_positions=T, **kw)
+        attn.to(dtype="float64")
+        y = attn.forward(x)
+        weights = attn.attention_weights.copy()
+        dx = attn.backward(dout)
+        return y, dx, weights, {n: g.copy() for n, _, g in attn.parameters()}
+
+    (y0, dx0, w0, g0), (y1, dx1, w1, g1) = both(run)
+    assert taken == [1]  # the fast run took the blocks, the plain one did not
+    close(y0, y1)
+    close(dx0, dx1)
+    np.testing.assert_array_equal(w1 == 0, w0 == 0)  # the same hidden entries, exactly 0
+    close(w0, w1)
+    for k in g0:
+        close(g0[k], g1[k])
+
+
+def test_row_blocks_cover_the_rows_and_visible_keys():
+    from tinylm.nn.causal_blocks import row_blocks
+
+    blocks = row_blocks(130, window=20)
+    assert [(a, b) for a, b, _ in blocks] == [(0, 32), (32, 65), (65, 97), (97, 130)]
+    assert [k0 for _, _, k0 in blocks] == [0, 13, 46, 78]  # a - W + 1: the first key row a sees
+
+
 def test_linear():
     x, dout = rand(3, 11, 20), rand(3, 11, 30, seed=1)
     layer = Linear(20, 30).to(dtype="float64")

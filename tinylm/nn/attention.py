@@ -48,6 +48,7 @@ import numpy as np
 
 from tinylm.backend import to_device, xp_of
 from tinylm.nn.activation import Dropout
+from tinylm.nn.causal_blocks import RowBlocks, attend_blocks, attend_blocks_backward, use_blocks
 from tinylm.nn.flash import DEFAULT_BLOCK, flash_backward, flash_forward
 from tinylm.nn.functional import matmul, softmax, softmax_backward_fast, use_fast
 from tinylm.nn.linear import Linear
@@ -169,6 +170,9 @@ class CausalSelfAttention(Module):
             raise RuntimeError("attention='flash' never forms the attention weights; use "
                                "attention='standard' to look at them")
         att = self._cache[3]  # (B, Hkv, G*T, T)
+        if isinstance(att, RowBlocks):  # the blocked fast path kept only the visible blocks
+            q = self._cache[0]
+            att = att.dense(xp_of(q), (*q.shape[:3], q.shape[2] // self.group_size))
         B, T = att.shape[0], att.shape[-1]
         return att.reshape(B, self.n_heads, T, T)  # query head h = kv head * G + g
 
@@ -186,14 +190,20 @@ class CausalSelfAttention(Module):
         """(T, T) mask of a training forward over positions 0..T-1 (see `mask`)."""
         return self.mask(np.arange(T), np.arange(T), xp, dtype)
 
+    @property
+    def _own_mask(self) -> bool:
+        """Whether `mask` is the built-in causal (banded) one. Skipping what it hides
+        (flash's tiles, the row blocks' columns) is only right then: a replaced mask (an
+        instance attribute, or a subclass's method) may show anything."""
+        return "mask" not in vars(self) and type(self).mask is CausalSelfAttention.mask
+
     def _flash_kwargs(self, q_start: int = 0, k_start: int = 0) -> dict:
-        """The tiles of flash_forward/flash_backward. Skipping the tiles the causal band
-        hides is only right for the built-in `mask`: a replaced one (an instance
-        attribute, or a subclass's method) may show any tile, so then every tile is
-        visited and masked with it."""
-        replaced = "mask" in vars(self) or type(self).mask is not CausalSelfAttention.mask
+        """The tiles of flash_forward/flash_backward: those the causal band hides are
+        skipped with the built-in `mask`; with a replaced one every tile is visited and
+        masked with it."""
         return dict(q_start=q_start, k_start=k_start, block_q=self.block_q,
-                    block_k=self.block_k, window=self.sliding_window, causal_tiles=not replaced)
+                    block_k=self.block_k, window=self.sliding_window,
+                    causal_tiles=self._own_mask)
 
     def _split_heads(self, qkv, B: int, T: int):
         """(B, T, (H + 2 Hkv) hs) -> q (B, H, T, hs), k and v (B, Hkv, T, hs)."""
@@ -226,7 +236,11 @@ class CausalSelfAttention(Module):
         v = xp.ascontiguousarray(v)  # (B, Hkv, T, hs)
         positions = np.arange(T)
         mask = self.mask(positions, positions, xp, x.dtype)  # (T, T)
-        y, att, att_d = attend(q, kT, v, mask, self.attn_drop)  # (B, Hkv, G*T, hs)
+        if self._own_mask and use_blocks(q, T, self.attn_drop):  # a fast path (NumPy, 1 thread)
+            y, att = attend_blocks(q, kT, v, mask, self.sliding_window)  # skips hidden columns
+            att_d = att
+        else:
+            y, att, att_d = attend(q, kT, v, mask, self.attn_drop)  # (B, Hkv, G*T, hs)
         self._cache = (q, kT, v, att, att_d)  # att_d is att itself without dropout
         return self.resid_drop.forward(self.proj.forward(self._merge_heads(y, B, T)))  # (B, T, C)
 
@@ -237,6 +251,9 @@ class CausalSelfAttention(Module):
         B, T, C = dout.shape
         H, Hkv, G, hs = self.n_heads, self.n_kv_heads, self.group_size, self.head_size
         dy = self._output_backward(dout).reshape(B, Hkv, G * T, hs)  # grouped, as y was
+        if isinstance(att, RowBlocks):  # the forward took the row blocks: so does this
+            dq, dk, dv = attend_blocks_backward(q, kT, v, att, dy)  # tinylm/nn/causal_blocks.py
+            return self._qkv_backward(dq.reshape(B, H, T, hs), dk, dv)
 
         # y = att_d @ v  =>  datt_d = dy v^T,  dv = att_d^T dy
         # (dv sums over the G*T rows: every query head of the group used this v)
