@@ -116,12 +116,22 @@ def test_fast_paths_are_numpy_float_only():
 # ------------------------------------------------------------- layer by layer
 
 
-def test_gelu():
+@pytest.mark.parametrize("training", [True, False])
+def test_gelu(training):
+    """Training: the fast forward keeps dy/dx (one array) instead of x and tanh(u);
+    eval: it keeps x and tanh(u) as the plain code does. Both give the plain gradient."""
     x, dout = rand(4, 9, 40, scale=3.0), rand(4, 9, 40, seed=1)
-    layer = GELU()
-    (y0, dx0), (y1, dx1) = both(lambda: (layer.forward(x), layer.backward(dout)))
+    layer = GELU().train(training)
+
+    def run():
+        y = layer.forward(x)
+        kept = layer._cache
+        return y, layer.backward(dout), kept
+
+    (y0, dx0, kept0), (y1, dx1, kept1) = both(run)
     close(y0, y1)
     close(dx0, dx1)
+    assert isinstance(kept0, tuple) and isinstance(kept1, tuple) != training
 
 
 @pytest.mark.parametrize("bias", [True, False])

@@ -19,7 +19,8 @@ class GELU(Module):
     """gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3).
 
     Hendrycks & Gimpel (2016), in the tanh form used by GPT-2 (PyTorch's
-    `GELU(approximate="tanh")`). Cache: x and t = tanh(u).
+    `GELU(approximate="tanh")`). Cache: x and t = tanh(u); the fast path in training
+    mode keeps dy/dx instead (`_forward_fast`).
     """
 
     def forward(self, x):
@@ -39,7 +40,10 @@ class GELU(Module):
         return y
 
     def backward(self, dout):
-        x, t = self._take_cache()
+        cache = self._take_cache()
+        if not isinstance(cache, tuple):  # the fast training forward kept dy/dx itself
+            return _product_fast(cache, dout)
+        x, t = cache
         if use_fast(x, t, dout):
             return _gelu_backward_fast(x, t, dout)
         # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx,   du/dx = sqrt(2/pi) (1 + 3a x^2)
@@ -59,23 +63,40 @@ class GELU(Module):
     def _forward_fast(self, x):
         """`forward` in row chunks on the thread pool (functional.py, "Fast paths"): the
         same formula with the constants folded, u = (c + c a x^2) x, so 4 passes build u
-        instead of 5 and no temporary is made; each chunk stays in cache for all 7."""
+        instead of 5 and no temporary is made; each chunk stays in cache for all of them.
+
+        In training mode it also computes the local derivative dy/dx while the chunk of
+        x and t is in cache, and keeps that one array instead of x and t: the backward is
+        then one product, dout * dy/dx, and a layer keeps one (N, C) array less (the
+        MLP's widest). In eval mode it keeps (x, t), as the plain code does."""
         x2 = _rows(x)  # (N, C) view
         t, y = np.empty_like(x2), np.empty_like(x2)  # (N, C) tanh(u) and the output
+        dydx = np.empty_like(x2) if self.training else None  # (N, C)
 
         def rows(lo, hi):
             xs, ts, ys = x2[lo:hi], t[lo:hi], y[lo:hi]
-            np.multiply(xs, xs, out=ts)  # x^2
-            ts *= _SQRT_2_OVER_PI * _GELU_A  # c a x^2
+            x_sq = np.multiply(xs, xs)  # chunk-sized scratch: x^2
+            np.multiply(x_sq, _SQRT_2_OVER_PI * _GELU_A, out=ts)  # c a x^2
             ts += _SQRT_2_OVER_PI  # c + c a x^2
             ts *= xs  # u = c (x + a x^3)
             np.tanh(ts, out=ts)  # t
+            if dydx is not None:  # dy/dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du/dx (backward)
+                ds = dydx[lo:hi]
+                x_sq *= 3.0 * _GELU_A * _SQRT_2_OVER_PI
+                x_sq += _SQRT_2_OVER_PI  # du/dx = c (1 + 3 a x^2)
+                np.multiply(ts, ts, out=ds)
+                np.subtract(1.0, ds, out=ds)  # 1 - t^2
+                ds *= xs
+                ds *= x_sq  # x (1 - t^2) du/dx
+                ds += ts
+                ds += 1.0
+                ds *= 0.5
             np.add(ts, 1.0, out=ys)
             ys *= xs
             ys *= 0.5  # 0.5 x (1 + t)
 
         run_chunks(rows, row_chunks(*x2.shape))
-        self._cache = (x, t.reshape(x.shape))
+        self._cache = (x, t.reshape(x.shape)) if dydx is None else dydx.reshape(x.shape)
         return y.reshape(x.shape)
 
 
@@ -106,6 +127,18 @@ def _gelu_backward_fast(x, t, dout):
 
     run_chunks(rows, row_chunks(*x2.shape))
     return dx.reshape(dout.shape)
+
+
+def _product_fast(a, b):
+    """a * b, two arrays of one shape, in row chunks on the thread pool."""
+    a2, b2 = _rows(a), _rows(b)  # (N, C) views
+    out = np.empty_like(b2)
+
+    def rows(lo, hi):
+        np.multiply(a2[lo:hi], b2[lo:hi], out=out[lo:hi])
+
+    run_chunks(rows, row_chunks(*b2.shape))
+    return out.reshape(b.shape)
 
 
 class ReLU(Module):
