@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
 import time
@@ -46,6 +45,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from tinylm.bench import current_rss_mb  # the same memory reading as tinylm's side
 
 # name: (vocab_size, d_model, n_layers, n_heads, context_length, batch_size)
 CONFIGS = {
@@ -270,15 +271,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _current_rss_mb() -> float:
-    """This process's resident memory now, in MiB (Linux; 0 elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-    except OSError:
-        return 0.0
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -302,7 +294,7 @@ def main(argv=None) -> int:
             return 2
         bias, tie = arch["bias"], arch["tie_weights"]
 
-    rss_before = _current_rss_mb()
+    rss_before = current_rss_mb()
     model = TorchGPT(V, T, C, L, H, bias=bias, tie_weights=tie, attention=args.attention)
     model.to(args.device)
     if state is not None:

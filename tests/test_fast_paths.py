@@ -51,6 +51,24 @@ def rand(*shape, seed=0, scale=1.0):
     return np.random.default_rng(seed).standard_normal(shape) * scale
 
 
+def step(layer, x, dout):
+    """(y, dx, {parameter: gradient}) of one forward and backward of `layer`."""
+    layer.zero_grad()
+    y = layer.forward(x)
+    dx = layer.backward(dout)
+    return y, dx, {name: g.copy() for name, _, g in layer.parameters()}
+
+
+def close_steps(plain, fast):
+    """Two `step` results agree: output, input gradient, every parameter gradient."""
+    (y0, dx0, g0), (y1, dx1, g1) = plain, fast
+    close(y0, y1)
+    close(dx0, dx1)
+    assert g0.keys() == g1.keys()
+    for name in g0:
+        close(g0[name], g1[name])
+
+
 # ---------------------------------------------------------------- the pool itself
 
 
@@ -141,16 +159,7 @@ def test_layernorm(bias):
     for p in layer.params.values():
         p[...] = rand(24, seed=2)
 
-    def run():
-        layer.zero_grad()
-        y, dx = layer.forward(x), layer.backward(dout)
-        return y, dx, {k: g.copy() for k, g in layer.grads.items()}
-
-    (y0, dx0, g0), (y1, dx1, g1) = both(run)
-    close(y0, y1)
-    close(dx0, dx1)
-    for k in g0:
-        close(g0[k], g1[k])
+    close_steps(*both(lambda: step(layer, x, dout)))
 
 
 def test_softmax_in_place_with_masked_entries():
@@ -197,18 +206,9 @@ def test_attention_backward_fast_equals_plain():
 
     x, dout = rand(2, 12, 16), rand(2, 12, 16, seed=1)
 
-    def run():
-        attn = CausalSelfAttention(16, 4, n_kv_heads=2, rng=np.random.default_rng(0))
-        attn.to(dtype="float64")
-        y = attn.forward(x)
-        dx = attn.backward(dout)
-        return y, dx, {n: g.copy() for n, _, g in attn.parameters()}
-
-    (y0, dx0, g0), (y1, dx1, g1) = both(run)
-    close(y0, y1)
-    close(dx0, dx1)
-    for k in g0:
-        close(g0[k], g1[k])
+    attn = CausalSelfAttention(16, 4, n_kv_heads=2, rng=np.random.default_rng(0))
+    attn.to(dtype="float64")
+    close_steps(*both(lambda: step(attn, x, dout)))
 
 
 @pytest.mark.parametrize("kw", [{}, {"n_kv_heads": 2}, {"sliding_window": 5},
@@ -245,6 +245,34 @@ def test_causal_row_blocks_equal_the_full_attention(monkeypatch, kw):
         close(g0[k], g1[k])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fast_paths_pass_the_float64_gradient_check(monkeypatch, threads):
+    """Finite differences through the fast paths themselves (chunks of 64 elements, on
+    `threads` threads; on one thread attention takes the causal row blocks, on two the
+    split matmuls and the chunked softmax backward)."""
+    from tinylm.gradcheck import check_layer, randomize_params
+    from tinylm.nn import CausalSelfAttention, causal_blocks
+    from tinylm.nn.causal_blocks import RowBlocks
+
+    F.set_num_threads(threads)
+    monkeypatch.setattr(causal_blocks, "MIN_BLOCK", 4)
+    rng = np.random.default_rng(0)
+    x = rand(2, 12, 16)
+    attn = CausalSelfAttention(16, 4, n_kv_heads=2, sliding_window=7, rng=rng)
+    for layer in (GELU(), LayerNorm(16), attn):
+        layer.to(dtype="float64")
+        randomize_params(layer, rng)
+        failed = [r for r in check_layer(layer, x) if not r.passed]
+        assert not failed, (type(layer).__name__, failed)
+    attn.forward(x)
+    assert isinstance(attn._take_cache()[3], RowBlocks) == (threads == 1)
+    loss = SoftmaxCrossEntropy(label_smoothing=0.1)
+    targets = np.random.default_rng(1).integers(0, 16, (2, 12))
+    failed = [r for r in check_layer(loss, rand(2, 12, 16, scale=2.0), targets)
+              if not r.passed]
+    assert not failed, failed
+
+
 def test_row_blocks_cover_the_rows_and_visible_keys():
     from tinylm.nn.causal_blocks import row_blocks
 
@@ -258,16 +286,7 @@ def test_linear():
     layer = Linear(20, 30).to(dtype="float64")
     layer.params["bias"][...] = rand(30, seed=2)
 
-    def run():
-        layer.zero_grad()
-        y, dx = layer.forward(x), layer.backward(dout)
-        return y, dx, {k: g.copy() for k, g in layer.grads.items()}
-
-    (y0, dx0, g0), (y1, dx1, g1) = both(run)
-    close(y0, y1)
-    close(dx0, dx1)
-    for k in g0:
-        close(g0[k], g1[k])
+    close_steps(*both(lambda: step(layer, x, dout)))
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
