@@ -362,9 +362,9 @@ def _heads_last(a):
 def _transposed(a):
     """a with its last two axes swapped, as a contiguous copy (..., n, m) -> (..., m, n).
 
-    Same values as `a.swapaxes(-1, -2)`; the copy is for speed only. A stacked matmul
-    whose *right* operand is a transposed (T, hs) view ran 1.5x slower than with a
-    contiguous copy (docs/backends.md), and such a copy is cheap next to the matmul.
-    A transposed (T, T) *left* operand (att_d^T, dscore^T) is as fast as a view, and
-    copying it would cost more than the product, so the backward passes those as views."""
+    Same values as `a.swapaxes(-1, -2)`; the copy is for speed only. At the small
+    config's shape a stacked matmul whose *right* operand is a transposed (T, hs) view
+    ran 1.3x slower than the copy and the product together (docs/backends.md). A
+    transposed (T, T) *left* operand (att_d^T, dscore^T) runs as fast as a view, and
+    copying it costs more than the product, so the backward passes those as views."""
     return xp_of(a).ascontiguousarray(a.swapaxes(-1, -2))

@@ -17,12 +17,12 @@ softmax sees the same visible scores; a product's sum is cut into other pieces).
                                dq[a:b] = dS k[k0:b],  dk[k0:b] += dS^T q[a:b]
 
 When it is used (`use_blocks`): NumPy, one thread, T of at least 2 * MIN_BLOCK, the
-layer's own mask, no attention dropout. Measured on the development machine, one
-attention layer's forward and backward without its Linears, 1 thread: the small
-config's shape (B 16, 4 heads, T 128, hs 32) 6.35 -> 5.1 ms; the medium config's (B 8,
-6 heads, T 256, hs 64) 42 -> 28.5 ms. With two threads tinylm splits each stack of
-products between them instead (`functional.matmul`), and the blocks' smaller pieces
-made that slower (4.1 -> 6.0 ms), so the blocks are for one thread only.
+layer's own mask, no attention dropout. Measured with benchmarks/bench_attention_parts.py,
+the core of one layer's forward and backward, 1 thread: the small config's shape (B 16,
+4 heads, T 128, hs 32) 7.06 -> 6.35 ms; the medium config's (B 8, 6 heads, T 256, hs 64)
+40.9 -> 29.6 ms. With two threads tinylm splits each stack of products between them
+instead (`functional.matmul`), and the blocks' smaller pieces made that slower (small:
+4.03 -> 5.81 ms), so the blocks are for one thread only.
 """
 
 from __future__ import annotations
